@@ -1,0 +1,3 @@
+from msscale.cli import main
+
+raise SystemExit(main())
