@@ -1,0 +1,108 @@
+"""One-shot diffusion denoising (DESIGN.md §1): sigma -> timestep, x_t, one UNet pass, x0.
+
+Images live in [0,1]; the diffusion model works in [-1,1], where pixel noise of std sigma
+becomes noise of std 2*sigma. A noisy image y = 2(x + sigma*delta) - 1 scaled by
+sqrt(abar_t) is distributed like the forward process at the t whose abar_t is closest to
+1 / (1 + (2 sigma)^2), so one model pass at that t estimates the clean image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msscale.errors import UserError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def timestep_for_sigma(alphas_cumprod: torch.Tensor, sigma: float) -> int:
+    """The timestep whose alphas_cumprod is closest to 1 / (1 + (2 sigma)^2)."""
+    target = 1.0 / (1.0 + (2.0 * sigma) ** 2)
+    return int(torch.argmin((alphas_cumprod.double() - target).abs()))
+
+
+def x0_from_model_output(
+    output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """Recover x0 in [-1,1] (unclamped) from the output at x_t = sqrt(abar) x0 + sqrt(1-abar) eps.
+
+    A model with learned variance returns twice the image channels; the first half is the
+    prediction. `abar` broadcasts against x_t (e.g. shape [B,1,1,1]).
+    """
+    channels = x_t.shape[1]
+    if output.shape[1] == 2 * channels:
+        output = output[:, :channels]
+    elif output.shape[1] != channels:
+        raise UserError(
+            f"denoiser returns {output.shape[1]} channels for {channels}-channel input "
+            f"(expected {channels}, or {2 * channels} with learned variance)"
+        )
+    sqrt_abar, sqrt_one_minus = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "epsilon":
+        return (x_t - sqrt_one_minus * output) / sqrt_abar
+    if prediction_type == "v_prediction":
+        return sqrt_abar * x_t - sqrt_one_minus * output
+    if prediction_type == "sample":
+        return output
+    raise UserError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
+class OneShotDenoiser(nn.Module):
+    """D_sigma: noisy image in pixel scale -> denoised image in [0,1], one UNet pass.
+
+    The timestep is passed per sample, so one batch may mix noise scales.
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
+
+    def timestep(self, sigma: float) -> int:
+        return timestep_for_sigma(self.alphas_cumprod, sigma)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """noisy = x + sigma*delta (pixel scale), timesteps [B] from `timestep(sigma)`."""
+        abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(noisy.dtype)
+        x_t = abar.sqrt() * (2 * noisy - 1)
+        output = self.unet(x_t, timesteps).sample
+        x0 = x0_from_model_output(output, x_t, abar, self.prediction_type)
+        return (x0.clamp(-1, 1) + 1) / 2
+
+
+class Classifier(nn.Module):
+    """A timm model behind its own preprocessing: [0,1] images of any size -> logits."""
+
+    def __init__(self, model: nn.Module, input_size: int, mean, std):
+        super().__init__()
+        self.model = model
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = nn.functional.interpolate(
+                images,
+                size=(self.input_size, self.input_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=images.shape[-1] > self.input_size,
+            )
+        return self.model((images - self.mean.to(images.dtype)) / self.std.to(images.dtype))
+
+
+class DenoiseAndClassify(nn.Module):
+    """F(D_sigma(.)): the base classifier of denoised smoothing."""
+
+    def __init__(self, denoiser: OneShotDenoiser, classifier: Classifier):
+        super().__init__()
+        self.denoiser = denoiser
+        self.classifier = classifier
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.denoiser(noisy, timesteps))
