@@ -1,0 +1,170 @@
+"""`msscale <subcommand>`: argument parsing and one call into the library per subcommand.
+
+Bad input (msscale.errors.UserError) ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from msscale.errors import UserError
+
+log = logging.getLogger("msscale")
+
+
+def _add_cfg(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--cfg", required=required, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def cmd_make_shards(args) -> None:
+    from msscale.data import make_shards
+
+    image_size = args.image_size or (16 if args.source == "digits" else None)
+    info = make_shards(
+        args.source,
+        args.out,
+        split=args.split,
+        image_size=image_size,
+        shard_size=args.shard_size,
+        skip_bad=args.skip_bad,
+    )
+    log.info("wrote %d images in %d shards to %s", info["count"], len(info["shards"]), args.out)
+
+
+def cmd_certify(args) -> None:
+    from msscale.certify_job import run_shard
+    from msscale.config import load_config, save_config
+    from msscale.merge import merge_run
+
+    cfg = load_config(args.cfg, args.overrides, kind="certify")
+    save_config(cfg, Path(cfg["out"]) / "config.yaml")
+    run_shard(cfg)
+    counts = merge_run(cfg["out"])
+    log.info("certified %d images; results in %s", len(counts.index), cfg["out"])
+
+
+def cmd_certify_shard(args) -> None:
+    from msscale.certify_array import prepare_run_dir
+    from msscale.certify_job import run_shard
+    from msscale.config import load_config
+
+    cfg = load_config(args.cfg, args.overrides, kind="certify")
+    total = args.shards * args.sample_splits
+    if not 0 <= args.shard < total:
+        raise UserError(f"--shard {args.shard} is outside 0..{total - 1}")
+    prepare_run_dir(cfg)
+    log.info("wrote %s", run_shard(cfg, args.shard, total, args.sample_splits))
+
+
+def cmd_merge(args) -> None:
+    from msscale.merge import merge_run
+
+    counts = merge_run(args.run_dir)
+    log.info("merged %d images into %s", len(counts.index), Path(args.run_dir) / "counts.npz")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def cmd_recertify(args) -> None:
+    from msscale.counts import load_counts
+    from msscale.report import certify_counts, write_tsv
+
+    counts = load_counts(args.counts)
+    alpha = args.alpha if args.alpha is not None else counts.meta["alpha"]
+    p0 = args.p0 if args.p0 is not None else counts.meta["p0"]
+    sigmas = [args.single] if args.single is not None else args.sigmas
+    if args.single is not None and args.p0 is None:
+        p0 = 0.5  # a single scale is Cohen's CERTIFY unless a p0 is asked for
+    write_tsv(certify_counts(counts, alpha, p0, sigmas), args.out)
+    log.info("wrote %s (alpha=%g, p0=%g, scales=%s)", args.out, alpha, p0, sigmas or "all")
+
+
+def cmd_report(args) -> None:
+    from msscale.counts import load_counts
+    from msscale.report import write_results
+
+    counts = load_counts(args.counts)
+    alpha = args.alpha if args.alpha is not None else counts.meta["alpha"]
+    p0 = args.p0 if args.p0 is not None else counts.meta["p0"]
+    write_results(args.out, counts, alpha, p0)
+    log.info("wrote the report to %s", args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msscale", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-shards", help="write WebDataset shards + dataset.json")
+    p.add_argument(
+        "--source", required=True, help="'digits', an image-folder tree, or a CIFAR-10 batches dir"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="test", choices=("train", "test", "all"))
+    p.add_argument("--image-size", type=int, default=None, help="digits: 16 (default) or 32")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images instead of failing"
+    )
+    p.set_defaults(func=cmd_make_shards)
+
+    p = sub.add_parser("certify", help="certify a shard set in one process")
+    _add_cfg(p)
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("certify-shard", help="one task of a job array (used by slurm/*.sbatch)")
+    _add_cfg(p)
+    p.add_argument("--shard", type=int, required=True, help="task id, 0 .. shards*splits-1")
+    p.add_argument("--shards", type=int, required=True, help="image groups")
+    p.add_argument("--sample-splits", type=int, default=1)
+    p.set_defaults(func=cmd_certify_shard)
+
+    p = sub.add_parser("merge", help="merge a run's shards into counts.npz and results")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("recertify", help="certificates from counts alone")
+    p.add_argument("counts")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--p0", type=float)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--sigmas", type=_float_list, help="cascade over these scales, e.g. 0.25,0.5"
+    )
+    group.add_argument("--single", type=float, help="Cohen's CERTIFY at this one scale")
+    p.add_argument("--out", required=True, help="the certify.tsv to write")
+    p.set_defaults(func=cmd_recertify)
+
+    p = sub.add_parser("report", help="summary.json, report.md and the plot from counts.npz")
+    p.add_argument("counts")
+    p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--p0", type=float)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.func(args)
+    except UserError as err:
+        sys.stderr.write(f"msscale {args.command}: error: {err}\n")
+        return 2
+    return 0

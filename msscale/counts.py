@@ -1,0 +1,99 @@
+"""Counts files (DESIGN.md §3): per-scale selection and estimation votes, written atomically."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msscale.errors import UserError
+from msscale.io import atomic_path
+
+KEYS = ("index", "label", "sigmas", "select", "estimate", "meta")
+
+
+@dataclass
+class Counts:
+    """Votes of I images at K scales over C classes, with the metadata that produced them."""
+
+    index: np.ndarray  # [I] int64
+    label: np.ndarray  # [I] int64
+    sigmas: np.ndarray  # [K] float64, ascending
+    select: np.ndarray  # [I, K, C] int64
+    estimate: np.ndarray  # [I, K, C] int64
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, sigmas, num_classes: int, meta: dict) -> Counts:
+        k = len(sigmas)
+        return cls(
+            index=np.zeros(0, np.int64),
+            label=np.zeros(0, np.int64),
+            sigmas=np.asarray(sigmas, np.float64),
+            select=np.zeros((0, k, num_classes), np.int64),
+            estimate=np.zeros((0, k, num_classes), np.int64),
+            meta=meta,
+        )
+
+    def append(self, index, label, select, estimate) -> None:
+        self.index = np.concatenate([self.index, np.asarray(index, np.int64)])
+        self.label = np.concatenate([self.label, np.asarray(label, np.int64)])
+        self.select = np.concatenate([self.select, np.asarray(select, np.int64)])
+        self.estimate = np.concatenate([self.estimate, np.asarray(estimate, np.int64)])
+
+
+def save_counts(counts: Counts, path: str | Path) -> None:
+    """Write a counts .npz under a temporary name, then rename it into place."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                index=counts.index,
+                label=counts.label,
+                sigmas=counts.sigmas,
+                select=counts.select,
+                estimate=counts.estimate,
+                meta=np.array(json.dumps(counts.meta, sort_keys=True)),
+            )
+
+
+def load_counts(path: str | Path) -> Counts:
+    """Read a counts .npz; a missing, truncated or malformed file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"counts file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in KEYS if key not in data.files]
+            if missing:
+                raise UserError(f"counts file {path} lacks the keys {missing}")
+            arrays = {key: data[key] for key in KEYS}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise UserError(f"counts file {path} is truncated or not a counts file: {err}") from None
+    counts = Counts(
+        index=arrays["index"].astype(np.int64),
+        label=arrays["label"].astype(np.int64),
+        sigmas=arrays["sigmas"].astype(np.float64),
+        select=arrays["select"].astype(np.int64),
+        estimate=arrays["estimate"].astype(np.int64),
+        meta=json.loads(str(arrays["meta"])),
+    )
+    _check_shapes(counts, path)
+    return counts
+
+
+def _check_shapes(counts: Counts, path: Path) -> None:
+    images, scales = len(counts.index), len(counts.sigmas)
+    if counts.label.shape != (images,):
+        raise UserError(
+            f"counts file {path}: label has shape {counts.label.shape}, expected ({images},)"
+        )
+    for key in ("select", "estimate"):
+        shape = getattr(counts, key).shape
+        if len(shape) != 3 or shape[:2] != (images, scales):
+            raise UserError(
+                f"counts file {path}: {key} has shape {shape}, expected ({images}, {scales}, C)"
+            )

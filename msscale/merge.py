@@ -1,0 +1,130 @@
+"""Merge the shards of a certification run into counts.npz, refusing anything inconsistent.
+
+Every shard must be present exactly once, written by the same configuration (seed, n0, n,
+scales, schedule, model and data fingerprints), and for every image the shards' selection
+and estimation blocks must cover each stream exactly once. Any violation is a UserError
+naming the file; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from msscale.counts import Counts, load_counts, save_counts
+from msscale.errors import UserError
+from msscale.sampling import block_sizes
+
+SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.npz$")
+PER_SHARD_KEYS = ("shard", "select_blocks", "estimate_blocks")
+
+
+def find_shards(out: str | Path) -> dict[int, Path]:
+    """Shard files of a run directory by shard id; the total must agree across names."""
+    folder = Path(out) / "counts"
+    named = [(SHARD_FILE.match(p.name), p) for p in sorted(folder.glob("shard-*.npz"))]
+    named = [(m, p) for m, p in named if m]
+    if not named:
+        raise UserError(f"no shard files (shard-SSSSS-of-TTTTT.npz) in {folder}")
+    totals = {int(m.group(2)) for m, _ in named}
+    if len(totals) > 1:
+        raise UserError(f"{folder} mixes shard files of runs with {sorted(totals)} shards")
+    total = totals.pop()
+    shards = {int(m.group(1)): p for m, p in named}
+    missing = [i for i in range(total) if i not in shards]
+    if missing:
+        raise UserError(
+            f"{folder}: {len(missing)} of {total} shards are missing, e.g. shard {missing[0]}"
+        )
+    extra = [i for i in shards if i >= total]
+    if extra:
+        raise UserError(f"{folder}: shard {extra[0]} is beyond the {total} shards of the run")
+    return shards
+
+
+def _common_meta(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in PER_SHARD_KEYS}
+
+
+def merge_shards(out: str | Path) -> Counts:
+    """Load, validate and combine every shard of the run at `out` (no file is written)."""
+    shards = find_shards(out)
+    loaded = {i: load_counts(p) for i, p in shards.items()}
+    reference = _common_meta(loaded[0].meta)
+    for i, counts in loaded.items():
+        if counts.meta.get("shard") != i or counts.meta.get("shards") != len(shards):
+            raise UserError(
+                f"{shards[i]} holds shard {counts.meta.get('shard')} "
+                f"of {counts.meta.get('shards')}, "
+                f"not shard {i} of {len(shards)} (a copied or renamed file?)"
+            )
+        diff = sorted(
+            k
+            for k in set(reference) | set(counts.meta)
+            if k not in PER_SHARD_KEYS and reference.get(k) != counts.meta.get(k)
+        )
+        if diff:
+            raise UserError(
+                f"{shards[i]} differs from shard 0 in {', '.join(diff)}: not the same run"
+            )
+    return _combine(loaded, shards, reference)
+
+
+def _combine(loaded: dict[int, Counts], shards: dict[int, Path], meta: dict) -> Counts:
+    per_image = defaultdict(list)  # image index -> [(shard id, row)]
+    for i, counts in loaded.items():
+        for row, image in enumerate(counts.index.tolist()):
+            per_image[image].append((i, row))
+    expected = {
+        "select_blocks": len(block_sizes(meta["n0"], meta["noise_block"])),
+        "estimate_blocks": len(block_sizes(meta["n"], meta["noise_block"])),
+    }
+    first = loaded[0]
+    merged = Counts.empty(first.sigmas, first.select.shape[2], meta)
+    rows = {"index": [], "label": [], "select": [], "estimate": []}
+    for image in sorted(per_image):
+        owners = per_image[image]
+        for key, total in expected.items():
+            _check_cover(image, [(shards[i], loaded[i].meta[key]) for i, _ in owners], key, total)
+        labels = {int(loaded[i].label[row]) for i, row in owners}
+        if len(labels) > 1:
+            raise UserError(
+                f"image {image} has different labels in different shards: {sorted(labels)}"
+            )
+        rows["index"].append(image)
+        rows["label"].append(labels.pop())
+        rows["select"].append(sum(loaded[i].select[row] for i, row in owners))
+        rows["estimate"].append(sum(loaded[i].estimate[row] for i, row in owners))
+    if rows["index"]:
+        merged.append(
+            rows["index"], rows["label"], np.stack(rows["select"]), np.stack(rows["estimate"])
+        )
+    return merged
+
+
+def _check_cover(image: int, spans: list[tuple[Path, list[int]]], key: str, total: int) -> None:
+    """The shards holding `image` must cover blocks [0, total) of a stream exactly once."""
+    covered = np.zeros(total, np.int64)
+    for _, (start, stop) in spans:
+        covered[start:stop] += 1
+    if covered.max(initial=0) > 1:
+        files = ", ".join(str(p) for p, (a, b) in spans if b > a)
+        raise UserError(f"image {image}: overlapping {key.replace('_', ' ')} in {files}")
+    if covered.min(initial=1) < 1:
+        raise UserError(
+            f"image {image}: {key.replace('_', ' ')} {np.flatnonzero(covered == 0)[0]} "
+            f"is in no shard"
+        )
+
+
+def merge_run(out: str | Path) -> Counts:
+    """Merge the shards of `out` into out/counts.npz and write the results beside it."""
+    from msscale.report import write_results
+
+    counts = merge_shards(out)
+    save_counts(counts, Path(out) / "counts.npz")
+    write_results(out, counts, counts.meta["alpha"], counts.meta["p0"])
+    return counts

@@ -1,0 +1,137 @@
+"""Counter-based noise and vote counting (DESIGN.md §3, "Noise and shards").
+
+The draws of one image at one scale and one stream are cut into blocks of `noise_block`
+draws. Block b's noise comes from a generator seeded from (seed, image index, scale index,
+stream, b) alone and always has the same length, so an image's votes never depend on batch
+size, on the other images in the run, or on how the work was split or resumed.
+
+Batches are filled across images, scales and streams; votes are counted on the device with
+one bincount per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SELECT, ESTIMATE = 0, 1
+STREAMS = ("select", "estimate")
+
+
+def noise_seed(seed: int, image: int, scale: int, stream: int, block: int) -> int:
+    """A 63-bit generator seed from the five counters (numpy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([seed, image, scale, stream, block]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def block_sizes(total: int, noise_block: int) -> list[int]:
+    """Draw counts of the blocks that make up `total` draws (the last one may be short)."""
+    full, rest = divmod(total, noise_block)
+    return [noise_block] * full + ([rest] if rest else [])
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of draws: which image (row in the chunk), scale, stream, and how many."""
+
+    row: int  # position of the image in the chunk being sampled
+    image: int  # global image index (part of the noise counter)
+    scale: int
+    stream: int
+    block: int
+    count: int
+
+
+def plan_blocks(
+    rows_and_images: list[tuple[int, int]],
+    scales: list[int],
+    streams: dict[int, range],
+    n_draws: dict[int, int],
+    noise_block: int,
+) -> list[Block]:
+    """The blocks to draw for these images, scales and streams.
+
+    `streams` maps a stream to the range of its block indices this worker owns;
+    `n_draws` maps a stream to its total draws (n0 or n), which fixes each block's length.
+    """
+    blocks = []
+    for row, image in rows_and_images:
+        for scale in scales:
+            for stream, block_range in streams.items():
+                sizes = block_sizes(n_draws[stream], noise_block)
+                for b in block_range:
+                    blocks.append(Block(row, image, scale, stream, b, sizes[b]))
+    return blocks
+
+
+def _draw_noise(block: Block, seed: int, shape: tuple, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(noise_seed(seed, block.image, block.scale, block.stream, block.block))
+    return torch.randn((block.count, *shape), generator=generator, device=device)
+
+
+def _batches(
+    blocks: list[Block], batch_size: int, seed: int, shape: tuple, device: torch.device
+) -> Iterator[list[tuple[Block, torch.Tensor]]]:
+    """Cut the blocks' draws into batches of `batch_size` (pieces of blocks, in order)."""
+    batch, filled = [], 0
+    for block in blocks:
+        noise = _draw_noise(block, seed, shape, device)
+        start = 0
+        while start < block.count:
+            take = min(block.count - start, batch_size - filled)
+            batch.append((block, noise[start : start + take]))
+            filled += take
+            start += take
+            if filled == batch_size:
+                yield batch
+                batch, filled = [], 0
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def count_votes(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    blocks: list[Block],
+    sigmas: list[float],
+    timesteps: list[int],
+    num_classes: int,
+    *,
+    seed: int,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None = None,
+    progress=None,
+) -> np.ndarray:
+    """Votes [rows, K, 2, C] of F(D_sigma(x + sigma*delta)) for the planned blocks.
+
+    `images` [rows, 3, H, W] on the model's device; `timesteps[k]` is the denoiser's t for
+    sigmas[k]. `progress` (a tqdm bar or None) is advanced by the draws done.
+    """
+    device = images.device
+    rows, num_scales = images.shape[0], len(sigmas)
+    votes = torch.zeros(rows * num_scales * 2 * num_classes, dtype=torch.int64, device=device)
+    sigma_of = torch.tensor(sigmas, dtype=images.dtype, device=device)
+    t_of = torch.tensor(timesteps, dtype=torch.long, device=device)
+    for batch in _batches(blocks, batch_size, seed, tuple(images.shape[1:]), device):
+        row = torch.cat([_fill(b.row, len(n), device) for b, n in batch])
+        scale = torch.cat([_fill(b.scale, len(n), device) for b, n in batch])
+        stream = torch.cat([_fill(b.stream, len(n), device) for b, n in batch])
+        noise = torch.cat([n for _, n in batch])
+        noisy = images[row] + sigma_of[scale].view(-1, 1, 1, 1) * noise
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(noisy, t_of[scale])
+        predicted = logits.argmax(dim=1)
+        bucket = ((row * num_scales + scale) * 2 + stream) * num_classes + predicted
+        votes += torch.bincount(bucket, minlength=votes.numel())
+        if progress is not None:
+            progress.update(len(row))
+    return votes.view(rows, num_scales, 2, num_classes).cpu().numpy()
+
+
+def _fill(value: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.full((length,), value, dtype=torch.long, device=device)

@@ -1,0 +1,195 @@
+"""`msscale certify` and `msscale recertify` end to end, and their answers to bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from helpers import write_certify_yaml
+
+from msscale.cli import main
+from msscale.counts import load_counts
+
+
+def run_cli(*args):
+    """The installed console entry point, in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "msscale", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def certified(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = write_certify_yaml(assets, root / "certify.yaml", root / "run")
+    result = run_cli("certify", "--cfg", cfg, "smoothing.n=60")
+    assert result.returncode == 0, result.stderr
+    return root / "run"
+
+
+def test_certify_writes_counts_and_results(certified):
+    counts = load_counts(certified / "counts.npz")
+    assert counts.index.tolist() == list(range(6))
+    assert counts.select.shape == (6, 3, 10)
+    assert (counts.select.sum(axis=2) == 10).all() and (counts.estimate.sum(axis=2) == 60).all()
+    assert counts.meta["n"] == 60 and counts.meta["seed"] == 7
+    lines = (certified / "certify.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == [
+        "idx",
+        "label",
+        "predict",
+        "radius",
+        "correct",
+        "stage",
+        "sigma",
+    ]
+    assert len(lines) == 7
+    summary = json.loads((certified / "summary.json").read_text())
+    assert set(summary["methods"]) == {"cascade", "sigma=0.25", "sigma=0.5", "sigma=1"}
+    assert (certified / "certified_accuracy.png").stat().st_size > 0
+    assert "cascade" in (certified / "report.md").read_text()
+    assert not list((certified / "counts").glob("*.progress.npz"))
+    assert yaml.safe_load((certified / "config.yaml").read_text())["smoothing"]["n"] == 60
+
+
+def test_recertify_reproduces_certify_tsv_exactly(certified, tmp_path):
+    assert (
+        main(["recertify", str(certified / "counts.npz"), "--out", str(tmp_path / "re.tsv")]) == 0
+    )
+    assert (tmp_path / "re.tsv").read_text() == (certified / "certify.tsv").read_text()
+
+
+def test_recertify_single_scale_and_subsets(certified, tmp_path):
+    counts = certified / "counts.npz"
+    assert (
+        main(["recertify", str(counts), "--single", "0.5", "--out", str(tmp_path / "a.tsv")]) == 0
+    )
+    rows = [r.split("\t") for r in (tmp_path / "a.tsv").read_text().splitlines()[1:]]
+    assert {r[5] for r in rows} <= {"1", "-1"}  # only the 0.5 scale can decide
+    assert (
+        main(
+            [
+                "recertify",
+                str(counts),
+                "--sigmas",
+                "0.25,1.0",
+                "--alpha",
+                "0.1",
+                "--p0",
+                "0.6",
+                "--out",
+                str(tmp_path / "b.tsv"),
+            ]
+        )
+        == 0
+    )
+    rows = [r.split("\t") for r in (tmp_path / "b.tsv").read_text().splitlines()[1:]]
+    assert {r[5] for r in rows} <= {"0", "2", "-1"}
+    assert (
+        main(["recertify", str(counts), "--single", "0.3", "--out", str(tmp_path / "c.tsv")]) == 2
+    )
+    assert not (tmp_path / "c.tsv").exists()
+
+
+def test_certify_resumes_from_flushed_progress(assets, certified, tmp_path):
+    """A progress file from an interrupted run is continued, not redrawn."""
+    write_certify_yaml(assets, tmp_path / "c.yaml", tmp_path / "run")
+    progress = tmp_path / "run" / "counts" / "shard-00000-of-00001.progress.npz"
+    progress.parent.mkdir(parents=True)
+    # keep the first 2 images of a finished run as if the run had stopped there
+    done = load_counts(certified / "counts" / "shard-00000-of-00001.npz")
+    from msscale.counts import Counts, save_counts
+
+    save_counts(
+        Counts(
+            done.index[:2],
+            done.label[:2],
+            done.sigmas,
+            done.select[:2] + 0,
+            done.estimate[:2],
+            done.meta,
+        ),
+        progress,
+    )
+    assert main(["certify", "--cfg", str(tmp_path / "c.yaml"), "smoothing.n=60"]) == 0
+    resumed = load_counts(tmp_path / "run" / "counts.npz")
+    np.testing.assert_array_equal(resumed.estimate, load_counts(certified / "counts.npz").estimate)
+    assert not progress.exists()
+
+
+def test_unknown_config_key_lists_the_valid_ones(assets, tmp_path):
+    cfg = write_certify_yaml(assets, tmp_path / "c.yaml", tmp_path / "run")
+    result = run_cli("certify", "--cfg", cfg, "smoothing.sigma=0.5")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert (
+        "unknown config key smoothing.sigma" in result.stderr
+        and "smoothing.sigmas" in result.stderr
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("smoothing.alpha=2", "smoothing.alpha: expected <= 0.5"),
+        ("smoothing.n=ten", "smoothing.n: expected int"),
+        ("smoothing.schedule=fast", "smoothing.schedule: expected one of"),
+        ("smoothing.sigmas=[0.5,0.25]", "ascending"),
+    ],
+)
+def test_bad_values_name_the_key(assets, tmp_path, override, message):
+    cfg = write_certify_yaml(assets, tmp_path / "c.yaml", tmp_path / "run")
+    assert main(["certify", "--cfg", str(cfg), override]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def _fails_cleanly(tmp_path, capsys, cfg, *overrides, expect):
+    code = main(["certify", "--cfg", str(cfg), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expect in err and err.count("\n") == 1, err
+    out = tmp_path / "run"
+    assert not (out / "counts.npz").exists() and not (out / "certify.tsv").exists()
+    assert not list(out.glob("counts/shard-*.npz"))
+
+
+def test_missing_model_directory(assets, tmp_path, capsys):
+    cfg = write_certify_yaml(assets, tmp_path / "c.yaml", tmp_path / "run")
+    _fails_cleanly(
+        tmp_path,
+        capsys,
+        cfg,
+        f"denoiser.path={tmp_path}/nowhere",
+        expect=f"denoiser.path {tmp_path}/nowhere is not a directory",
+    )
+
+
+def test_classifier_with_the_wrong_number_of_classes(assets, tmp_path, capsys):
+    cfg = write_certify_yaml(assets, tmp_path / "c.yaml", tmp_path / "run")
+    _fails_cleanly(
+        tmp_path,
+        capsys,
+        cfg,
+        "classifier.num_classes=7",
+        expect="has 10 classes but classifier.num_classes is 7",
+    )
+
+
+def test_corrupt_shard(assets, tmp_path, capsys):
+    data = tmp_path / "digits"
+    shutil.copytree(assets["data"]["shards"].rsplit("/", 1)[0], data)
+    first = sorted(data.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:5000])
+    cfg = write_certify_yaml(
+        {**assets, "data": {"shards": str(data / "dataset.json")}},
+        tmp_path / "c.yaml",
+        tmp_path / "run",
+    )
+    _fails_cleanly(tmp_path, capsys, cfg, expect=first.name)
