@@ -1,0 +1,51 @@
+"""submitit executors: Slurm, or this machine (`local`, `debug`), from a config's slurm section."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from msscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CLUSTERS = ("slurm", "local", "debug")
+
+
+def make_executor(
+    cluster: str,
+    folder: str | Path,
+    slurm: dict,
+    *,
+    nodes: int = 1,
+    tasks_per_node: int = 1,
+    name: str = "msscale",
+    array_parallelism: int | None = None,
+):
+    """A submitit AutoExecutor for `cluster` with resources from a config's `slurm` section.
+
+    On Slurm, jobs are requeued on preemption and timeout by submitit's checkpointing
+    (the submitted callable's `checkpoint` method decides what to resubmit).
+    """
+    import submitit
+
+    if cluster not in CLUSTERS:
+        raise UserError(f"--cluster {cluster!r} is not one of {list(CLUSTERS)}")
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = {
+        "name": name,
+        "nodes": nodes,
+        "tasks_per_node": tasks_per_node,
+        "cpus_per_task": slurm["cpus_per_task"],
+        "timeout_min": slurm["time_min"],
+    }
+    if cluster == "slurm":
+        params.update(mem_gb=slurm["mem_gb"], slurm_signal_delay_s=60)
+        if slurm["gpus_per_node"]:
+            params["gpus_per_node"] = slurm["gpus_per_node"]
+        for key in ("partition", "account", "qos"):
+            if slurm[key]:
+                params[f"slurm_{key}"] = slurm[key]
+        params["slurm_array_parallelism"] = array_parallelism or slurm["array_parallelism"]
+    executor.update_parameters(**params)
+    return executor
