@@ -29,15 +29,22 @@ def find_shards(out: str | Path) -> dict[int, Path]:
     named = [(m, p) for m, p in named if m]
     if not named:
         raise UserError(f"no shard files (shard-SSSSS-of-TTTTT.npz) in {folder}")
-    totals = {int(m.group(2)) for m, _ in named}
-    if len(totals) > 1:
-        raise UserError(f"{folder} mixes shard files of runs with {sorted(totals)} shards")
-    total = totals.pop()
+    examples = {int(m.group(2)): p.name for m, p in named}
+    if len(examples) > 1:
+        raise UserError(
+            f"{folder} mixes shard files of runs split {' and '.join(map(str, sorted(examples)))} "
+            f"ways (e.g. {', '.join(examples[t] for t in sorted(examples))}): keep one run's"
+        )
+    total = next(iter(examples))
     shards = {int(m.group(1)): p for m, p in named}
     missing = [i for i in range(total) if i not in shards]
     if missing:
+        name = f"shard-{missing[0]:05d}-of-{total:05d}"
+        progress = folder / f"{name}.progress.npz"
+        state = " (unfinished: only its progress file is there)" if progress.is_file() else ""
         raise UserError(
-            f"{folder}: {len(missing)} of {total} shards are missing, e.g. shard {missing[0]}"
+            f"{folder / name}.npz is missing{state}; {len(missing)} of {total} shards are "
+            "missing: finish them before merging"
         )
     extra = [i for i in shards if i >= total]
     if extra:
@@ -67,8 +74,11 @@ def merge_shards(out: str | Path) -> Counts:
             if k not in PER_SHARD_KEYS and reference.get(k) != counts.meta.get(k)
         )
         if diff:
+            what = "; ".join(
+                f"{k} {counts.meta.get(k)!r} vs {reference.get(k)!r}" for k in diff
+            )
             raise UserError(
-                f"{shards[i]} differs from shard 0 in {', '.join(diff)}: not the same run"
+                f"{shards[i]} is not from the same run as {shards[0].name}: {what}"
             )
     return _combine(loaded, shards, reference)
 

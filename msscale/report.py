@@ -107,13 +107,17 @@ def methods_of(counts: Counts, alpha: float, p0: float) -> dict[str, Certificate
     return methods
 
 
+def summarize_methods(methods: dict[str, Certificates]) -> dict:
+    return {name: method_summary(certs) for name, certs in methods.items()}
+
+
 def write_results(out: str | Path, counts: Counts, alpha: float, p0: float) -> dict:
     """certify.tsv (the cascade), summary.json, report.md, certified_accuracy.png, tb/."""
     out = Path(out)
     methods = methods_of(counts, alpha, p0)
     write_tsv(methods["cascade"], out / "certify.tsv")
     summary = {
-        "methods": {name: method_summary(c) for name, c in methods.items()},
+        "methods": summarize_methods(methods),
         "images": int(len(counts.index)),
         "n": counts.meta.get("n"),
         "n0": counts.meta.get("n0"),
@@ -123,10 +127,15 @@ def write_results(out: str | Path, counts: Counts, alpha: float, p0: float) -> d
         "schedule": counts.meta.get("schedule"),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_comparison(out, methods, summary)
+    return summary
+
+
+def write_comparison(out: Path, methods: dict[str, Certificates], summary: dict) -> None:
+    """report.md, certified_accuracy.png and TensorBoard curves for these methods."""
     plot_certified_accuracy(methods, out / "certified_accuracy.png")
     atomic_write_text(out / "report.md", render_markdown(summary))
     log_to_tensorboard(methods, out / "tb")
-    return summary
 
 
 def _curve(certs: Certificates, radii: np.ndarray) -> np.ndarray:
@@ -142,54 +151,73 @@ def plot_certified_accuracy(methods: dict[str, Certificates], path: Path) -> Non
 
     top = max(2.0, max(float(c.radius.max(initial=0.0)) for c in methods.values()) * 1.05)
     radii = np.linspace(0, top, 400)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
     for name, certs in methods.items():
         style = (
-            {"linewidth": 2.5, "color": "black"}
+            {"linewidth": 3, "color": "black"}
             if name.startswith("cascade")
             else {"linewidth": 1.3}
         )
-        ax.plot(radii, _curve(certs, radii), label=name, **style)
-    ax.set_xlabel("L2 radius (pixel scale [0,1])")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
+        ax.plot(radii, 100 * _curve(certs, radii), label=_legend_label(name), **style)
+    ax.set_title("Share of images predicted correctly and certified at radius >= r",
+                 fontsize=10)
+    ax.set_xlabel("L2 radius r (pixel scale [0,1])")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)  # beside the axes
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
+def _legend_label(name: str) -> str:
+    """'sigma=0.5' -> 'sigma=0.5 alone (Cohen et al.)'; other names unchanged."""
+    return f"{name} alone (Cohen et al.)" if name.startswith("sigma=") else name
+
+
 def render_markdown(summary: dict) -> str:
     """A table a person can read without the code: one row per method."""
     grid = list(RADIUS_GRID)
-    header = "| method | " + " | ".join(f"r={r}" for r in grid) + " | ACR | abstain |"
+    header = "| method | " + " | ".join(f"r={r}" for r in grid) + " | ACR | abstain (%) |"
     rule = "|" + "---|" * (len(grid) + 3)
     rows = []
     for name, m in summary["methods"].items():
         cells = " | ".join(f"{100 * m['certified_accuracy'][str(r)]:.1f}" for r in grid)
         rows.append(f"| {name} | {cells} | {m['acr']:.3f} | {100 * m['abstain']:.1f} |")
-    stages = summary["methods"]["cascade"]["stages"]
-    decided = ", ".join(f"sigma={k}: {v}" for k, v in stages.items())
+    decided = [
+        f"- {name}: "
+        + ", ".join(f"{k if k == 'none' else f'sigma={k}'}: {v}" for k, v in m["stages"].items())
+        for name, m in summary["methods"].items()
+        if name.startswith("cascade")
+    ]
+    settings = ", ".join(
+        f"{key}={summary[key]}" for key in ("n0", "n", "alpha", "p0", "sigmas", "schedule")
+        if key in summary
+    )
     return "\n".join(
         [
             "# Certification report",
             "",
-            f"{summary['images']} images; n0={summary['n0']}, n={summary['n']}, "
-            f"alpha={summary['alpha']}, "
-            f"p0={summary['p0']}, scales {summary['sigmas']}, schedule {summary['schedule']}.",
+            f"{summary['images']} images; {settings}.",
             "",
             "Certified accuracy (%) at L2 radius r (pixel scale [0,1]): the share of images whose",
-            "prediction is correct and certified at a radius of at least r. ACR is the average",
-            "certified radius (0 for wrong or abstained images). Single-scale rows are Cohen et",
-            "al.'s CERTIFY at that sigma; the cascade tries the largest sigma first.",
+            "prediction is correct and certified at a radius of at least r (r=0.0: correct and",
+            "not abstained). ACR is the average certified radius (0 for wrong or abstained",
+            "images); abstain is the share of images given no prediction. Single-scale rows",
+            "(sigma=...) are Cohen et al.'s CERTIFY at that sigma alone; the cascade tries the",
+            "largest sigma first and defers to a smaller one where its top class is confidently",
+            "below p0. Each certificate holds with probability at least 1 - alpha; n0 and n are",
+            "the selection and estimation draws per image and scale.",
             "",
             header,
             rule,
             *rows,
             "",
-            f"Where the cascade stopped (images): {decided} (none = every scale deferred).",
+            "Number of images by the scale where the cascade stopped, certifying or abstaining",
+            "(none: every scale deferred, so it abstained):",
+            *decided,
             "",
             "![certified accuracy](certified_accuracy.png)",
             "",
