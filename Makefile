@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/msscale demo --out $(DEMO_OUT)
+	$(VENV)/bin/msscale demo --out $(DEMO_OUT) $(if $(DEMO_QUICK),--quick)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check msscale tools tests

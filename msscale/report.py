@@ -152,12 +152,13 @@ def plot_certified_accuracy(methods: dict[str, Certificates], path: Path) -> Non
     top = max(2.0, max(float(c.radius.max(initial=0.0)) for c in methods.values()) * 1.05)
     radii = np.linspace(0, top, 400)
     fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    cascade_colors = iter(["black", "tab:red", "tab:purple", "tab:brown"])
+    # Single scales are drawn dashed and on top, so a cascade that equals one stays visible.
     for name, certs in methods.items():
-        style = (
-            {"linewidth": 3, "color": "black"}
-            if name.startswith("cascade")
-            else {"linewidth": 1.3}
-        )
+        if name.startswith("cascade"):
+            style = {"linewidth": 3, "color": next(cascade_colors, None), "zorder": 2}
+        else:
+            style = {"linewidth": 1.5, "linestyle": "--", "zorder": 3}
         ax.plot(radii, 100 * _curve(certs, radii), label=_legend_label(name), **style)
     ax.set_title("Share of images predicted correctly and certified at radius >= r",
                  fontsize=10)
