@@ -19,7 +19,7 @@ from tqdm import tqdm
 import msscale
 from msscale.counts import Counts, load_counts, save_counts
 from msscale.errors import UserError
-from msscale.sampling import ESTIMATE, SELECT, block_sizes, count_votes, plan_blocks
+from msscale.sampling import ESTIMATE, NUM_STREAMS, SELECT, block_sizes, count_votes, plan_blocks
 from msscale.stats import clopper_pearson_upper
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,11 @@ def shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams) 
         "max_images": cfg["data"]["max_images"],
         "model": fingerprints["model"],
         "data": fingerprints["data"],
+        # the same draws give the same votes only with the same arithmetic
+        "device": fingerprints["device"],
+        "precision": cfg["precision"],
+        "channels_last": cfg["channels_last"],
+        "compile": cfg["compile"],
         "shard": shard_id,
         "shards": num_shards,
         "sample_splits": sample_splits,
@@ -96,7 +101,12 @@ def _resume(path: Path, meta: dict, sigmas, num_classes: int) -> Counts:
 def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: int = 1) -> Path:
     """Certification sampling of one shard; writes and returns <out>/counts/<shard>.npz."""
     from msscale.data import open_dataset, select_indices
-    from msscale.models import build_smoothed_model, model_fingerprint, resolve_device
+    from msscale.models import (
+        build_smoothed_model,
+        model_fingerprint,
+        prepare_for_inference,
+        resolve_device,
+    )
 
     out = Path(cfg["out"])
     final = shard_path(out, shard_id, num_shards)
@@ -106,15 +116,18 @@ def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: 
     dataset = open_dataset(cfg["data"]["shards"])
     indices = select_indices(dataset.count, cfg["data"]["skip"], cfg["data"]["max_images"])
     positions, streams = plan_shard(cfg, len(indices), shard_id, num_shards, sample_splits)
-    fingerprints = {"model": model_fingerprint(cfg), "data": dataset.fingerprint()}
+    device = resolve_device(cfg["device"])
+    fingerprints = {
+        "model": model_fingerprint(cfg), "data": dataset.fingerprint(), "device": device.type
+    }
     meta = shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams)
     num_classes = cfg["classifier"]["num_classes"]
     counts = _resume(
         progress_path(out, shard_id, num_shards), meta, cfg["smoothing"]["sigmas"], num_classes
     )
     todo = [indices[p] for p in positions[len(counts.index) :]]
-    device = resolve_device(cfg["device"])
-    sampler = ShardSampler(cfg, build_smoothed_model(cfg, device), streams, device)
+    model = prepare_for_inference(build_smoothed_model(cfg, device), cfg)
+    sampler = ShardSampler(cfg, model, streams, device)
     with tqdm(
         total=len(positions),
         initial=len(counts.index),
@@ -122,18 +135,20 @@ def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: 
         unit="img",
         disable=None,
     ) as bar:
-        for chunk in _chunks(dataset.iter_images(todo), cfg["smoothing"]["flush_every"]):
+        for chunk in chunks(dataset.iter_images(todo), cfg["smoothing"]["flush_every"]):
             index, images, labels = zip(*chunk, strict=True)
             select, estimate = sampler.votes(list(index), torch.stack(images))
             counts.append(index, labels, select, estimate)
             save_counts(counts, progress_path(out, shard_id, num_shards))
             bar.update(len(index))
+            log.info("%s: %d of %d images done", final.name, len(counts.index), len(positions))
     save_counts(counts, final)
     progress_path(out, shard_id, num_shards).unlink(missing_ok=True)
     return final
 
 
-def _chunks(items, size: int):
+def chunks(items, size: int):
+    """Lists of `size` consecutive items (the last may be shorter)."""
     chunk = []
     for item in items:
         chunk.append(item)
@@ -142,6 +157,17 @@ def _chunks(items, size: int):
             chunk = []
     if chunk:
         yield chunk
+
+
+def fit_to_denoiser(images: torch.Tensor, model) -> torch.Tensor:
+    """Resize images [B,3,H,W] to the UNet's sample size, if it has one and they differ."""
+    size = model.denoiser.unet.config.sample_size
+    if size is None:
+        return images
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
 
 
 class ShardSampler:
@@ -161,26 +187,18 @@ class ShardSampler:
         self.n_draws = {SELECT: smoothing["n0"], ESTIMATE: smoothing["n"]}
         self.num_classes = cfg["classifier"]["num_classes"]
         self.timesteps = [model.denoiser.timestep(s) for s in self.sigmas]
-        use_bf16 = cfg["precision"] == "bf16" and device.type == "cuda"
-        self.autocast = torch.bfloat16 if use_bf16 else None
-        self.image_size = model.denoiser.unet.config.sample_size
+        self.autocast = torch.bfloat16 if cfg["precision"] == "bf16" else None
+        self.channels_last, self.fixed_batch = cfg["channels_last"], cfg["compile"]
 
     def votes(self, index: list[int], images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Selection and estimation votes [I, K, C] for these images (global `index`)."""
-        images = self._fit(images.to(self.device))
+        images = fit_to_denoiser(images.to(self.device), self.model)
         scales = list(range(len(self.sigmas)))
         if self.schedule == "full":
             votes = self._count(index, list(enumerate(index)), scales, images)
         else:
             votes = self._cascade(index, images)
         return votes[:, :, SELECT], votes[:, :, ESTIMATE]
-
-    def _fit(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        if size is None or images.shape[-1] == size:
-            return images
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
 
     def _count(self, index, rows, scales, images) -> np.ndarray:
         blocks = plan_blocks(rows, scales, self.streams, self.n_draws, self.noise_block)
@@ -194,11 +212,13 @@ class ShardSampler:
             seed=self.seed,
             batch_size=self.batch_size,
             autocast_dtype=self.autocast,
+            channels_last=self.channels_last,
+            fixed_batch=self.fixed_batch,
         )
 
     def _cascade(self, index, images) -> np.ndarray:
         """Largest scale first; a smaller scale only for images whose cascade defers."""
-        votes = np.zeros((len(index), len(self.sigmas), 2, self.num_classes), np.int64)
+        votes = np.zeros((len(index), len(self.sigmas), NUM_STREAMS, self.num_classes), np.int64)
         active = list(range(len(index)))
         for stage, scale in enumerate(reversed(range(len(self.sigmas)))):
             if not active:

@@ -36,12 +36,13 @@ def cmd_make_shards(args) -> None:
 
 
 def cmd_certify(args) -> None:
+    from msscale.certify_array import prepare_run_dir
     from msscale.certify_job import run_shard
-    from msscale.config import load_config, save_config
+    from msscale.config import load_config
     from msscale.merge import merge_run
 
     cfg = load_config(args.cfg, args.overrides, kind="certify")
-    save_config(cfg, Path(cfg["out"]) / "config.yaml")
+    prepare_run_dir(cfg)  # refuses a run directory made with another config
     run_shard(cfg)
     counts = merge_run(cfg["out"])
     log.info("certified %d images; results in %s", len(counts.index), cfg["out"])
@@ -101,6 +102,45 @@ def cmd_report(args) -> None:
     log.info("wrote the report to %s", args.out)
 
 
+def cmd_bench(args) -> None:
+    import json
+
+    from msscale.bench import format_report, run_bench
+    from msscale.config import load_config
+    from msscale.models import resolve_device
+
+    cfg = load_config(args.cfg, args.overrides, kind="certify")
+    result = run_bench(cfg, resolve_device(args.device or cfg["device"]))
+    sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else format_report(result))
+
+
+def cmd_predict(args) -> None:
+    from msscale.config import load_config
+    from msscale.predict import run_predict
+
+    cfg = load_config(args.cfg, args.overrides, kind="certify")
+    run_predict(cfg, args.n)
+    log.info("wrote %s", Path(cfg["out"]) / "predict.tsv")
+
+
+def cmd_demo(args) -> None:
+    from msscale.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
+def cmd_train_demo_models(args) -> None:
+    from msscale.demo_models import ASSETS, train_demo_models
+
+    train_demo_models(Path(args.out) if args.out else ASSETS)
+
+
+def cmd_finetune(args) -> None:
+    from msscale.finetune_job import cmd_finetune as finetune
+
+    finetune(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msscale", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -152,6 +192,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float)
     p.add_argument("--p0", type=float)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="time certification sampling against the reference way")
+    _add_cfg(p)
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: the config's device")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("predict", help="the cascade's prediction without a certificate")
+    p.add_argument("--n", type=int, default=200, help="draws per image and scale")
+    _add_cfg(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("finetune", help="calibration fine-tuning in this process (or torchrun's)")
+    _add_cfg(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("demo", help="the whole method on scikit-learn's digits, on this machine")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="fewer images, draws and steps (CI)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-demo-models", help="retrain the demo's UNet and classifier")
+    p.add_argument("--out", default=None, help="default: the package's assets/demo")
+    p.set_defaults(func=cmd_train_demo_models)
     return parser
 
 

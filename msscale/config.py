@@ -60,7 +60,11 @@ CERTIFY_SCHEMA = {
     "seed": Key(int, 0, min=0),
     "out": Key(str, "runs/certify"),
     "device": Key(str, "auto", choices=("auto", "cpu", "cuda")),
-    "precision": Key(str, "fp32", choices=("fp32", "bf16")),
+    "precision": Key(
+        str, "fp32", choices=("fp32", "bf16"), help="bf16: autocast (GPUs, CPUs with AVX512-BF16)"
+    ),
+    "channels_last": Key(bool, True, help="run the models in channels_last memory format"),
+    "compile": Key(bool, False, help="torch.compile the models (slow start, faster sampling)"),
     "denoiser": {"path": Key(str)},
     "classifier": CLASSIFIER,
     "data": {
@@ -80,10 +84,13 @@ CERTIFY_SCHEMA = {
         "flush_every": Key(int, 16, min=1, help="images between progress flushes"),
     },
     "bench": {
-        "images": Key(int, 4, min=1),
-        "warmup": Key(int, 1, min=0),
-        "compile": Key(bool, False),
-        "channels_last": Key(bool, True),
+        "images": Key(int, 4, min=1, help="images timed"),
+        "warmup": Key(int, 1, min=0, help="images run first, not timed"),
+        "rounds": Key(int, 3, min=1, help="timed repetitions; figures are their median"),
+        "inputs": Key(str, "data", choices=("data", "random"), help="data.shards or noise"),
+        "random_denoiser": Key(
+            dict, None, nullable=True, help="UNet2DModel config: random weights at denoiser.path"
+        ),
     },
     "slurm": SLURM,
 }

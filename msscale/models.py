@@ -148,6 +148,15 @@ def build_smoothed_model(cfg: dict, device: torch.device) -> DenoiseAndClassify:
     return model.eval().to(device)
 
 
+def prepare_for_inference(model: DenoiseAndClassify, cfg: dict) -> DenoiseAndClassify:
+    """Apply the config's `channels_last` and `compile` to a built model (in place)."""
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg["compile"]:
+        model.compile(dynamic=False)  # ShardSampler pads the last batch: one shape only
+    return model
+
+
 def model_fingerprint(cfg: dict) -> str:
     """sha256 over the denoiser's files and the classifier's name and weights."""
     digest = hashlib.sha256()

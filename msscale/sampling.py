@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SELECT, ESTIMATE = 0, 1
-STREAMS = ("select", "estimate")
+# Noise streams: certification's selection and estimation draws, and `predict`'s own.
+SELECT, ESTIMATE, PREDICT = 0, 1, 2
+NUM_STREAMS = 3
 
 
 def noise_seed(seed: int, image: int, scale: int, stream: int, block: int) -> int:
@@ -105,16 +106,21 @@ def count_votes(
     seed: int,
     batch_size: int,
     autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    fixed_batch: bool = False,
     progress=None,
 ) -> np.ndarray:
-    """Votes [rows, K, 2, C] of F(D_sigma(x + sigma*delta)) for the planned blocks.
+    """Votes [rows, K, NUM_STREAMS, C] of F(D_sigma(x + sigma*delta)) for the planned blocks.
 
     `images` [rows, 3, H, W] on the model's device; `timesteps[k]` is the denoiser's t for
-    sigmas[k]. `progress` (a tqdm bar or None) is advanced by the draws done.
+    sigmas[k]. `channels_last` hands the model channels_last inputs; `fixed_batch` pads the
+    last batch to `batch_size` (a compiled model then sees one shape). `progress` (a tqdm
+    bar or None) is advanced by the draws done.
     """
     device = images.device
     rows, num_scales = images.shape[0], len(sigmas)
-    votes = torch.zeros(rows * num_scales * 2 * num_classes, dtype=torch.int64, device=device)
+    size = rows * num_scales * NUM_STREAMS * num_classes
+    votes = torch.zeros(size, dtype=torch.int64, device=device)
     sigma_of = torch.tensor(sigmas, dtype=images.dtype, device=device)
     t_of = torch.tensor(timesteps, dtype=torch.long, device=device)
     for batch in _batches(blocks, batch_size, seed, tuple(images.shape[1:]), device):
@@ -123,15 +129,26 @@ def count_votes(
         stream = torch.cat([_fill(b.stream, len(n), device) for b, n in batch])
         noise = torch.cat([n for _, n in batch])
         noisy = images[row] + sigma_of[scale].view(-1, 1, 1, 1) * noise
+        timesteps = t_of[scale]
+        if fixed_batch and len(row) < batch_size:
+            noisy, timesteps = _pad(noisy, batch_size), _pad(timesteps, batch_size)
+        if channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(noisy, t_of[scale])
-        predicted = logits.argmax(dim=1)
-        bucket = ((row * num_scales + scale) * 2 + stream) * num_classes + predicted
+            logits = model(noisy, timesteps)
+        predicted = logits[: len(row)].argmax(dim=1)
+        bucket = ((row * num_scales + scale) * NUM_STREAMS + stream) * num_classes + predicted
         votes += torch.bincount(bucket, minlength=votes.numel())
         if progress is not None:
             progress.update(len(row))
-    return votes.view(rows, num_scales, 2, num_classes).cpu().numpy()
+    return votes.view(rows, num_scales, NUM_STREAMS, num_classes).cpu().numpy()
 
 
 def _fill(value: int, length: int, device: torch.device) -> torch.Tensor:
     return torch.full((length,), value, dtype=torch.long, device=device)
+
+
+def _pad(batch: torch.Tensor, length: int) -> torch.Tensor:
+    """`batch` followed by copies of its first item, `length` items in all."""
+    extra = batch[:1].expand(length - len(batch), *batch.shape[1:])
+    return torch.cat([batch, extra])
