@@ -225,3 +225,17 @@ def test_recertify_agrees_with_an_independent_implementation(tmp_path):
             assert float(row[3]) <= radius + 1e-12 and radius - float(row[3]) < 1e-6
             checked += 1
     assert checked == 240
+
+
+def test_predict_writes_the_cascade_and_per_scale_predictions(assets, tmp_path):
+    cfg = write_certify_yaml(assets, tmp_path / "c.yaml", tmp_path / "run")
+    assert main(["predict", "--cfg", str(cfg), "--n", "30", "smoothing.p0=0.6"]) == 0
+    lines = (tmp_path / "run" / "predict.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["idx", "label", "predict", "stage", "correct",
+                                    "cohen_0.25", "cohen_0.5", "cohen_1"]
+    rows = [[int(x) for x in line.split("\t")] for line in lines[1:]]
+    assert [r[0] for r in rows] == list(range(6))
+    assert all(r[2] >= 0 and r[3] in (0, 1, 2) and r[4] == int(r[2] == r[1]) for r in rows)
+    summary = json.loads((tmp_path / "run" / "predict.json").read_text())
+    assert summary["n"] == 30 and summary["p0"] == 0.6
+    assert summary["accuracy"]["cascade"] == np.mean([r[4] for r in rows])
