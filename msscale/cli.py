@@ -219,16 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(name: str, call, verbose: bool = False) -> int:
+    """Run `call()` as a command: logging set up, bad input -> one line on stderr and exit 2."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        args.func(args)
+        call()
     except UserError as err:
-        sys.stderr.write(f"msscale {args.command}: error: {err}\n")
+        sys.stderr.write(f"{name}: error: {err}\n")
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(f"msscale {args.command}", lambda: args.func(args), args.verbose)

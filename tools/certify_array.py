@@ -8,12 +8,11 @@ shards still queued on Slurm are waited for, the others are submitted again.
 """
 
 import argparse
-import logging
 import sys
 
 from msscale.certify_array import run_array
+from msscale.cli import run_command
 from msscale.config import load_config
-from msscale.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -33,20 +32,14 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="config overrides, e.g. smoothing.n=1000 slurm.partition=gpu")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
     overrides = args.overrides + ([f"out={args.out}"] if args.out else [])
-    try:
+
+    def certify() -> None:
         cfg = load_config(args.cfg, overrides, kind="certify")
         run_array(cfg, args.cluster, args.shards, args.sample_splits,
                   args.array_parallelism, wait=not args.no_wait)
-    except UserError as err:
-        sys.stderr.write(f"certify_array: error: {err}\n")
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
+    return run_command("certify_array", certify)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,10 +10,9 @@ scancel resumes the same way. `--cluster local` runs the job's processes on this
 """
 
 import argparse
-import logging
 import sys
 
-from msscale.errors import UserError
+from msscale.cli import run_command
 from msscale.finetune_job import submit_finetune
 
 
@@ -28,19 +27,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-wait", action="store_true", help="submit and return at once")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        submit_finetune(args.cfg, args.overrides, nodes=args.nodes,
-                        gpus_per_node=args.gpus_per_node, cluster=args.cluster,
-                        partition=args.partition, wait=not args.no_wait)
-    except UserError as err:
-        sys.stderr.write(f"submit: error: {err}\n")
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
+    return run_command("submit", lambda: submit_finetune(
+        args.cfg, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        cluster=args.cluster, partition=args.partition, wait=not args.no_wait))
 
 if __name__ == "__main__":
     sys.exit(main())
