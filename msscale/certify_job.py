@@ -195,12 +195,12 @@ class ShardSampler:
         images = fit_to_denoiser(images.to(self.device), self.model)
         scales = list(range(len(self.sigmas)))
         if self.schedule == "full":
-            votes = self._count(index, list(enumerate(index)), scales, images)
+            votes = self._count(list(enumerate(index)), scales, images)
         else:
             votes = self._cascade(index, images)
         return votes[:, :, SELECT], votes[:, :, ESTIMATE]
 
-    def _count(self, index, rows, scales, images) -> np.ndarray:
+    def _count(self, rows, scales, images) -> np.ndarray:
         blocks = plan_blocks(rows, scales, self.streams, self.n_draws, self.noise_block)
         return count_votes(
             self.model,
@@ -224,7 +224,7 @@ class ShardSampler:
             if not active:
                 break
             rows = [(r, index[r]) for r in active]
-            votes += self._count(index, rows, [scale], images)
+            votes += self._count(rows, [scale], images)
             active = [r for r in active if self._defers(votes[r, scale], stage)]
         return votes
 

@@ -8,7 +8,6 @@ key and what was expected; an unknown key lists the valid ones.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +252,3 @@ def save_config(cfg: dict, path: str | os.PathLike) -> None:
     from msscale.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))
-
-
-def config_fingerprint(cfg: dict) -> str:
-    return json.dumps(cfg, sort_keys=True)
