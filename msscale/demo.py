@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SIGMAS = [0.25, 0.5, 1.0]
 # Sized to finish within 10 minutes (full) and 2 minutes (quick) on 2 CPU cores.
 PRESETS = {
-    "full": {"images": 64, "n0": 30, "n": 300, "finetune_steps": 60, "finetune_batch": 16,
+    "full": {"images": 100, "n0": 50, "n": 500, "finetune_steps": 120, "finetune_batch": 16,
              "shards": 2},
     "quick": {"images": 12, "n0": 20, "n": 100, "finetune_steps": 6, "finetune_batch": 8,
               "shards": 2},
