@@ -12,6 +12,7 @@ from pathlib import Path
 from test_train import TRAINER_STATE, assets, write_cfg  # noqa: F401  (assets: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 80
 
 
 def _submit(cfg: Path, *extra: str, timeout: float) -> subprocess.CompletedProcess:
@@ -26,7 +27,8 @@ def test_two_node_job_survives_scancel_and_resubmit(slurm_cluster, assets, tmp_p
     from msscale.models import load_denoiser
 
     cfg = write_cfg(assets, tmp_path, "slurm",
-                    train={"max_steps": 12, "checkpoint_every": 2, "log_every": 2},
+                    # long enough that scancel (plus submitit's grace period) lands mid-way
+                    train={"max_steps": MAX_STEPS, "checkpoint_every": 4, "log_every": 4},
                     slurm={"cpus_per_task": 1, "mem_gb": 1, "time_min": 15})
     out = tmp_path / "slurm"
     latest = out / "checkpoints" / "latest"
@@ -44,14 +46,14 @@ def test_two_node_job_survives_scancel_and_resubmit(slurm_cluster, assets, tmp_p
         time.sleep(0.5)
     saved = latest.read_text().strip()
     saved_step = int(saved.split("-")[1])
-    assert saved_step < 12, f"the job finished ({saved}) before it could be cancelled"
+    assert saved_step < MAX_STEPS, f"the job finished ({saved}) before it could be cancelled"
 
     second = _submit(cfg, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:] + _logs(out)
     logs = _logs(out)
     assert f"resumed from {out / 'checkpoints' / saved} at step {saved_step}" in logs
     assert "task 0 of 2" in logs and "task 1 of 2" in logs
-    assert latest.read_text().strip() == "step-00000012"
+    assert latest.read_text().strip() == f"step-{MAX_STEPS:08d}"
     assert (out / "config.yaml").is_file()
     denoiser = load_denoiser(out / "final")  # what a certify config's denoiser.path loads
     assert denoiser.unet.config.sample_size == 16
