@@ -315,6 +315,15 @@ def _check_table(select, estimate) -> tuple[np.ndarray, np.ndarray]:
     return select, estimate
 
 
+def _cascade_inputs(select, estimate, sigmas, alpha, p0, ndim: int):
+    """Validated (select, estimate, sigmas, alpha, p0) for one table (ndim 2) or many (3)."""
+    select = _as_counts(select, "select", ndim=ndim)
+    estimate = _as_counts(estimate, "estimate", ndim=ndim)
+    _check_table(select, estimate)
+    sigmas = _check_sigmas(sigmas, select.shape[-2])
+    return select, estimate, sigmas, _check_alpha(alpha), _check_p0(p0)
+
+
 def _cascade(select: np.ndarray, estimate: np.ndarray, sigmas: np.ndarray, alpha: float,
              p0: float) -> tuple[int, float, int]:
     """The cascade on validated inputs; see cascade_certify."""
@@ -360,13 +369,7 @@ def cascade_certify(select, estimate, sigmas, alpha: float, p0: float = 0.5
     because R < 0, or undecidable), -1 when every scale deferred. Raises UserError if the
     cascade reaches a scale whose selection or estimation counts are all zero (not sampled).
     """
-    alpha = _check_alpha(alpha)
-    p0 = _check_p0(p0)
-    select = _as_counts(select, "select", ndim=2)
-    estimate = _as_counts(estimate, "estimate", ndim=2)
-    _check_table(select, estimate)
-    sigmas = _check_sigmas(sigmas, select.shape[0])
-    return _cascade(select, estimate, sigmas, alpha, p0)
+    return _cascade(*_cascade_inputs(select, estimate, sigmas, alpha, p0, ndim=2))
 
 
 def certify_table(select, estimate, sigmas, alpha: float, p0: float = 0.5
@@ -376,12 +379,8 @@ def certify_table(select, estimate, sigmas, alpha: float, p0: float = 0.5
     Returns (predict [I] int64, radius [I] float64, stage [I] int64). A UserError from one
     image names its position in the table.
     """
-    alpha = _check_alpha(alpha)
-    p0 = _check_p0(p0)
-    select = _as_counts(select, "select", ndim=3)
-    estimate = _as_counts(estimate, "estimate", ndim=3)
-    _check_table(select, estimate)
-    sigmas = _check_sigmas(sigmas, select.shape[1])
+    select, estimate, sigmas, alpha, p0 = _cascade_inputs(select, estimate, sigmas, alpha, p0,
+                                                          ndim=3)
     num_images = select.shape[0]
     predict = np.full(num_images, ABSTAIN, dtype=np.int64)
     radius = np.zeros(num_images, dtype=np.float64)
