@@ -21,7 +21,7 @@ def _add_cfg(parser: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def cmd_make_shards(args) -> None:
-    from msscale.data import make_shards
+    from msscale.data.dataset import make_shards
 
     image_size = args.image_size or (16 if args.source == "digits" else None)
     info = make_shards(
@@ -36,10 +36,10 @@ def cmd_make_shards(args) -> None:
 
 
 def cmd_certify(args) -> None:
-    from msscale.certify_array import prepare_run_dir
-    from msscale.certify_job import run_shard
+    from msscale.certify.array import prepare_run_dir
+    from msscale.certify.merge import merge_run
+    from msscale.certify.shard import run_shard
     from msscale.config import load_config
-    from msscale.merge import merge_run
 
     cfg = load_config(args.cfg, args.overrides, kind="certify")
     prepare_run_dir(cfg)  # refuses a run directory made with another config
@@ -49,8 +49,8 @@ def cmd_certify(args) -> None:
 
 
 def cmd_certify_shard(args) -> None:
-    from msscale.certify_array import prepare_run_dir
-    from msscale.certify_job import run_shard
+    from msscale.certify.array import prepare_run_dir
+    from msscale.certify.shard import run_shard
     from msscale.config import load_config
 
     cfg = load_config(args.cfg, args.overrides, kind="certify")
@@ -62,7 +62,7 @@ def cmd_certify_shard(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from msscale.merge import merge_run
+    from msscale.certify.merge import merge_run
 
     counts = merge_run(args.run_dir)
     log.info("merged %d images into %s", len(counts.index), Path(args.run_dir) / "counts.npz")
@@ -78,8 +78,8 @@ def _float_list(text: str) -> list[float]:
 
 
 def cmd_recertify(args) -> None:
-    from msscale.counts import load_counts
-    from msscale.report import certify_counts, write_tsv
+    from msscale.certify.counts import load_counts
+    from msscale.certify.report import certify_counts, write_tsv
 
     counts = load_counts(args.counts)
     alpha = args.alpha if args.alpha is not None else counts.meta["alpha"]
@@ -92,8 +92,8 @@ def cmd_recertify(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from msscale.counts import load_counts
-    from msscale.report import write_results
+    from msscale.certify.counts import load_counts
+    from msscale.certify.report import write_results
 
     counts = load_counts(args.counts)
     alpha = args.alpha if args.alpha is not None else counts.meta["alpha"]
@@ -105,9 +105,9 @@ def cmd_report(args) -> None:
 def cmd_bench(args) -> None:
     import json
 
-    from msscale.bench import format_report, run_bench
+    from msscale.bench.sampling import format_report, run_bench
     from msscale.config import load_config
-    from msscale.models import resolve_device
+    from msscale.models.loading import resolve_device
 
     cfg = load_config(args.cfg, args.overrides, kind="certify")
     result = run_bench(cfg, resolve_device(args.device or cfg["device"]))
@@ -115,8 +115,8 @@ def cmd_bench(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    from msscale.certify.predict import run_predict
     from msscale.config import load_config
-    from msscale.predict import run_predict
 
     cfg = load_config(args.cfg, args.overrides, kind="certify")
     run_predict(cfg, args.n)
@@ -124,19 +124,19 @@ def cmd_predict(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from msscale.demo import run_demo
+    from msscale.demo.run import run_demo
 
     run_demo(args.out, quick=args.quick)
 
 
 def cmd_train_demo_models(args) -> None:
-    from msscale.demo_models import ASSETS, train_demo_models
+    from msscale.demo.models import ASSETS, train_demo_models
 
     train_demo_models(Path(args.out) if args.out else ASSETS)
 
 
 def cmd_finetune(args) -> None:
-    from msscale.finetune_job import cmd_finetune as finetune
+    from msscale.finetune.job import cmd_finetune as finetune
 
     finetune(args)
 

@@ -99,7 +99,7 @@ def _schema_for(kind: str) -> dict:
     if kind == "certify":
         return CERTIFY_SCHEMA
     if kind == "finetune":
-        from msscale.train_config import FINETUNE_SCHEMA
+        from msscale.finetune.schema import FINETUNE_SCHEMA
 
         return FINETUNE_SCHEMA
     raise ValueError(f"unknown config kind {kind!r}")
@@ -249,6 +249,6 @@ def _check_certify(cfg: dict) -> None:
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), so a run directory says how it was made."""
-    from msscale.io import atomic_write_text
+    from msscale.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 
 from msscale.config import load_config
-from msscale.data import make_shards
-from msscale.tiny import make_tiny_models
+from msscale.data.dataset import make_shards
+from msscale.models.tiny import make_tiny_models
 
 
 def make_assets(root: Path) -> dict:

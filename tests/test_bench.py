@@ -7,12 +7,12 @@ import pytest
 import torch
 import yaml
 
-from msscale.bench import format_report, reference_votes, write_random_denoiser
+from msscale.bench.sampling import format_report, reference_votes, write_random_denoiser
 from msscale.cli import main
 from msscale.config import load_config
 from msscale.errors import UserError
-from msscale.models import build_smoothed_model, load_denoiser
-from msscale.sampling import count_votes, plan_blocks
+from msscale.models.loading import build_smoothed_model, load_denoiser
+from msscale.smoothing.sampling import count_votes, plan_blocks
 
 SMOOTHING = {"sigmas": [0.25, 0.5, 1.0], "n0": 4, "n": 12, "batch_size": 8, "noise_block": 4}
 

@@ -43,10 +43,10 @@ import torch
 import yaml
 from helpers import write_certify_yaml
 
-from msscale.certify_job import progress_path, run_shard, shard_path
+from msscale.certify.counts import load_counts, save_counts
+from msscale.certify.shard import progress_path, run_shard, shard_path
 from msscale.cli import main as msscale_main
 from msscale.config import load_config
-from msscale.counts import load_counts, save_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "certify_array.py"
@@ -215,7 +215,7 @@ def _other_seed(run: Path, tmp: Path, cfg_path: Path) -> str:
 
 
 def _other_model(run: Path, tmp: Path, cfg_path: Path) -> str:
-    from msscale.tiny import make_tiny_models
+    from msscale.models.tiny import make_tiny_models
 
     models = make_tiny_models(tmp / "other-models", image_size=16, seed=1)
     _redo_shard_2(run, cfg_path, f"denoiser.path={models['denoiser']['path']}")

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from helpers import write_certify_yaml
 
+from msscale.certify.counts import load_counts
 from msscale.cli import main
-from msscale.counts import load_counts
 
 
 def run_cli(*args):
@@ -104,7 +104,7 @@ def test_certify_resumes_from_flushed_progress(assets, certified, tmp_path):
     progress.parent.mkdir(parents=True)
     # keep the first 2 images of a finished run as if the run had stopped there
     done = load_counts(certified / "counts" / "shard-00000-of-00001.npz")
-    from msscale.counts import Counts, save_counts
+    from msscale.certify.counts import Counts, save_counts
 
     save_counts(
         Counts(
@@ -199,7 +199,7 @@ def test_recertify_agrees_with_an_independent_implementation(tmp_path):
     """`msscale recertify` on random count tables vs the reference written from DESIGN.md."""
     from test_stats import random_case, ref_cascade
 
-    from msscale.counts import Counts, save_counts
+    from msscale.certify.counts import Counts, save_counts
 
     rng = np.random.default_rng(11)
     sigmas = np.array([0.25, 0.5, 1.0])

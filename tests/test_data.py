@@ -1,4 +1,4 @@
-"""Tests for msscale.data: writing shards, reading them by global index, validation."""
+"""Tests for msscale.data.dataset: writing shards, reading them by global index, validation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from msscale import data
+from msscale.data import dataset as data
 from msscale.errors import UserError
 
 

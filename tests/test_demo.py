@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from msscale.report import RADIUS_GRID
+from msscale.certify.report import RADIUS_GRID
 
 METHODS = {"cohen sigma=0.25", "cohen sigma=0.5", "cohen sigma=1", "cascade (pretrained)",
            "cascade (fine-tuned)"}

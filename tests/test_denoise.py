@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from msscale.denoise import OneShotDenoiser, timestep_for_sigma, x0_from_model_output
 from msscale.errors import UserError
-from msscale.models import load_denoiser
-from msscale.tiny import make_tiny_models
+from msscale.models.loading import load_denoiser
+from msscale.models.tiny import make_tiny_models
+from msscale.smoothing.denoise import OneShotDenoiser, timestep_for_sigma, x0_from_model_output
 
 
 @pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from msscale.losses import anti_consistency, brier, calibration_loss, recoverable
+from msscale.finetune.losses import anti_consistency, brier, calibration_loss, recoverable
 
 # Two draws (M=2) of three-class probabilities for two images (B=2).
 # Image 0, label 0: mean of the draws [0.6, 0.25, 0.15] -> class 0, recoverable.
@@ -52,8 +52,8 @@ def test_anti_consistency_is_smallest_when_draws_disagree():
 
 
 def _tiny_models(seed: int = 0):
-    from msscale.models import build_classifier
-    from msscale.tiny import tiny_unet
+    from msscale.models.loading import build_classifier
+    from msscale.models.tiny import tiny_unet
 
     torch.manual_seed(seed)
     unet = tiny_unet(16)
@@ -67,7 +67,7 @@ def _tiny_models(seed: int = 0):
 def _forward(unet, classifier, lambda_dm: float, seed: int = 3):
     from diffusers import DDPMScheduler
 
-    from msscale.train import Scales, calibration_forward
+    from msscale.finetune.loop import Scales, calibration_forward
 
     alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.float()
     cal = {"sigmas": [0.25, 0.5, 1.0], "sigma_weights": None}

@@ -5,10 +5,10 @@ import pytest
 import torch
 from helpers import certify_config
 
-from msscale.certify_job import ShardSampler, plan_shard
-from msscale.data import open_dataset
-from msscale.models import build_smoothed_model
-from msscale.sampling import ESTIMATE, SELECT, block_sizes, noise_seed
+from msscale.certify.shard import ShardSampler, plan_shard
+from msscale.data.dataset import open_dataset
+from msscale.models.loading import build_smoothed_model
+from msscale.smoothing.sampling import ESTIMATE, SELECT, block_sizes, noise_seed
 
 
 def test_noise_seeds_are_distinct_across_every_counter():

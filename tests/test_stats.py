@@ -1,4 +1,4 @@
-"""Tests of msscale.stats: bounds, Cohen's CERTIFY/PREDICT, the multi-scale cascade.
+"""Tests of msscale.smoothing.stats: bounds, Cohen's CERTIFY/PREDICT, the multi-scale cascade.
 
 Expected values come from ground truth (a linear classifier whose smoothed probabilities and
 robust radius are known in closed form), from formulas written out in the test, or from an
@@ -17,7 +17,7 @@ import pytest
 from scipy.stats import beta, binom, chi2, norm
 
 from msscale.errors import UserError
-from msscale.stats import (
+from msscale.smoothing.stats import (
     cascade_certify,
     cascade_predict,
     certify_table,

@@ -24,7 +24,7 @@ def _submit(cfg: Path, *extra: str, timeout: float) -> subprocess.CompletedProce
 
 
 def test_two_node_job_survives_scancel_and_resubmit(slurm_cluster, assets, tmp_path):  # noqa: F811
-    from msscale.models import load_denoiser
+    from msscale.models.loading import load_denoiser
 
     cfg = write_cfg(assets, tmp_path, "slurm",
                     # long enough that scancel (plus submitit's grace period) lands mid-way

@@ -23,14 +23,14 @@ from msscale.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs under torchrun: the loop as `python -m msscale.finetune_job` runs it, plus a dump of
+# Runs under torchrun: the loop as `python -m msscale.finetune.job` runs it, plus a dump of
 # each rank's final parameters (wrapping msscale.train.finish, which every rank calls).
 RANK_DUMP_SCRIPT = """
 import json, os, sys
 from pathlib import Path
 from safetensors.torch import save_file
-import msscale.train as train
-from msscale.finetune_job import main
+import msscale.finetune.loop as train
+from msscale.finetune.job import main
 
 if os.environ.get("MSSCALE_TEST_NO_SHM_OP"):
     # DeepSpeed's optional CPU shared-memory allreduce is JIT-compiled on first use
@@ -61,8 +61,8 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict:
     """Tiny random denoiser + classifier, digits train and test shards (16x16)."""
-    from msscale.data import make_shards
-    from msscale.tiny import make_tiny_models
+    from msscale.data.dataset import make_shards
+    from msscale.models.tiny import make_tiny_models
 
     root = tmp_path_factory.mktemp("finetune-assets")
     sections = make_tiny_models(root / "models", image_size=16)
@@ -178,7 +178,7 @@ def _tb_tags(tb_dir: Path) -> tuple[set, set]:
 
 
 def test_killed_run_resumes_from_latest_and_finishes(assets, tmp_path):
-    from msscale.models import load_denoiser
+    from msscale.models.loading import load_denoiser
 
     cfg = write_cfg(assets, tmp_path, "resume",
                     data={"val_shards": assets["val_shards"], "val_images": 8},
@@ -186,7 +186,7 @@ def test_killed_run_resumes_from_latest_and_finishes(assets, tmp_path):
                            "checkpoints_total_limit": 2})
     out = tmp_path / "resume"
     latest = out / "checkpoints" / "latest"
-    command = [sys.executable, "-m", "msscale.finetune_job", "--cfg", str(cfg)]
+    command = [sys.executable, "-m", "msscale.finetune.job", "--cfg", str(cfg)]
     first = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -234,9 +234,9 @@ TRAINER_STATE = "trainer_state.json"
 
 def test_nan_losses_are_skipped_counted_and_stop_the_run(assets, tmp_path, monkeypatch,
                                                          fresh_accelerate):
-    import msscale.losses
-    from msscale.train import train
-    from msscale.train_config import load_finetune_config
+    import msscale.finetune.losses
+    from msscale.finetune.loop import train
+    from msscale.finetune.schema import load_finetune_config
 
     real_loss = msscale.losses.calibration_loss
     calls = []
@@ -248,7 +248,7 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run(assets, tmp_path, monke
             parts.total = parts.total * float("nan")
         return parts
 
-    monkeypatch.setattr(msscale.losses, "calibration_loss", sometimes_nan)
+    monkeypatch.setattr(msscale.finetune.losses, "calibration_loss", sometimes_nan)
     cfg = load_finetune_config(write_cfg(assets, tmp_path, "nan", train={
         "max_steps": 6, "checkpoint_every": 2, "max_nan_steps": 2}))
     with pytest.raises(UserError) as err:
@@ -266,7 +266,7 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run(assets, tmp_path, monke
 
 
 def _run_expecting(cfg_path: Path, capsys) -> str:
-    from msscale.finetune_job import main
+    from msscale.finetune.job import main
 
     assert main(["--cfg", str(cfg_path)]) == 2
     return capsys.readouterr().err
@@ -307,7 +307,7 @@ def test_deepspeed_json_that_contradicts_the_yaml(assets, tmp_path, capsys, key,
 
 
 def test_deepspeed_json_fills_auto_from_the_yaml():
-    from msscale.train import resolve_deepspeed_config
+    from msscale.finetune.loop import resolve_deepspeed_config
 
     ds = resolve_deepspeed_config(REPO / "configs" / "deepspeed" / "zero3.json", micro_batch=4,
                                   grad_accum=2, world_size=8, max_grad_norm=1.0,

@@ -10,7 +10,7 @@ shards still queued on Slurm are waited for, the others are submitted again.
 import argparse
 import sys
 
-from msscale.certify_array import run_array
+from msscale.certify.array import run_array
 from msscale.cli import run_command
 from msscale.config import load_config
 

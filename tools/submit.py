@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from msscale.cli import run_command
-from msscale.finetune_job import submit_finetune
+from msscale.finetune.job import submit_finetune
 
 
 def main(argv=None) -> int:

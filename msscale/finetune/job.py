@@ -2,7 +2,7 @@
 
 - `run_finetune(cfg_path, overrides)`: the loop in this process (also under torchrun or
   `accelerate launch`, which set the distributed environment themselves);
-  `msscale finetune --cfg ...` and `python -m msscale.finetune_job --cfg ...` call it.
+  `msscale finetune --cfg ...` and `python -m msscale.finetune.job --cfg ...` call it.
 - `submit_finetune(...)`: a submitit job of `nodes` nodes with one task per GPU (one per
   node on CPUs). Each task copies rank, world size and master address from submitit's
   JobEnvironment into the torch.distributed variables and runs the same loop. On
@@ -81,7 +81,7 @@ class FinetuneJob:
     def __call__(self) -> str:
         import submitit
 
-        from msscale.train import train
+        from msscale.finetune.loop import train
 
         _setup_logging()
         env = distributed_env(submitit.JobEnvironment())
@@ -94,7 +94,7 @@ class FinetuneJob:
         """Called by submitit on preemption or timeout: requeue the same job."""
         import submitit
 
-        from msscale.train import latest_checkpoint
+        from msscale.finetune.loop import latest_checkpoint
 
         log.info("requeueing; the job resumes from %s", latest_checkpoint(self.cfg["out"]))
         return submitit.helpers.DelayedSubmission(FinetuneJob(self.cfg))
@@ -109,7 +109,7 @@ def _setup_logging() -> None:
 
 def _resolved_config(cfg_path, overrides) -> dict:
     from msscale.config import save_config
-    from msscale.train_config import load_finetune_config
+    from msscale.finetune.schema import load_finetune_config
 
     cfg = load_finetune_config(cfg_path, overrides)
     if os.environ.get("RANK", "0") == "0":
@@ -119,7 +119,7 @@ def _resolved_config(cfg_path, overrides) -> dict:
 
 def run_finetune(cfg_path, overrides=()) -> Path:
     """Fine-tune in this process (one of several under torchrun); returns <out>/final."""
-    from msscale.train import train
+    from msscale.finetune.loop import train
 
     return train(_resolved_config(cfg_path, overrides))
 
@@ -140,9 +140,9 @@ def submit_finetune(
     task per node without GPUs. `local` runs the nodes x tasks as processes on this
     machine; `debug` runs one process in this one.
     """
+    from msscale.cluster import make_executor
     from msscale.config import save_config
-    from msscale.launch import make_executor
-    from msscale.train_config import load_finetune_config
+    from msscale.finetune.schema import load_finetune_config
 
     if nodes < 1:
         raise UserError(f"--nodes must be at least 1, got {nodes}")
@@ -173,7 +173,7 @@ def submit_finetune(
 
 
 # ---------------------------------------------------------------------------------------
-# Command line: `msscale finetune` (msscale/cli.py) and `python -m msscale.finetune_job`
+# Command line: `msscale finetune` (msscale/cli.py) and `python -m msscale.finetune.job`
 # ---------------------------------------------------------------------------------------
 
 
@@ -191,7 +191,7 @@ def cmd_finetune(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m msscale.finetune_job",
+    parser = argparse.ArgumentParser(prog="python -m msscale.finetune.job",
                                      description=cmd_finetune.__doc__)
     add_finetune_arguments(parser)
     args = parser.parse_args(argv)

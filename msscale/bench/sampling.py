@@ -94,7 +94,7 @@ def write_random_denoiser(unet_config: dict, path: str | Path) -> None:
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from msscale.models import save_denoiser
+    from msscale.models.loading import save_denoiser
 
     path = Path(path)
     config_file = path / "config.json"
@@ -121,7 +121,7 @@ def write_random_denoiser(unet_config: dict, path: str | Path) -> None:
 
 def bench_inputs(cfg: dict, count: int, model) -> tuple[list[int], torch.Tensor, float | None]:
     """(global indices, images [count, 3, H, W], seconds spent reading one image or None)."""
-    from msscale.certify_job import fit_to_denoiser
+    from msscale.certify.shard import fit_to_denoiser
 
     image_size = model.denoiser.unet.config.sample_size
     if cfg["bench"]["inputs"] == "random":
@@ -130,7 +130,7 @@ def bench_inputs(cfg: dict, count: int, model) -> tuple[list[int], torch.Tensor,
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         generator = torch.Generator().manual_seed(cfg["seed"])
         return list(range(count)), torch.rand((count, 3, *size), generator=generator), None
-    from msscale.data import open_dataset, select_indices
+    from msscale.data.dataset import open_dataset, select_indices
 
     dataset = open_dataset(cfg["data"]["shards"])
     indices = select_indices(dataset.count, cfg["data"]["skip"], cfg["data"]["max_images"])
@@ -225,7 +225,7 @@ def matmul_peak(
 
 
 def _sampler(cfg: dict, model, device: torch.device, schedule: str, num_images: int):
-    from msscale.certify_job import ShardSampler, plan_shard
+    from msscale.certify.shard import ShardSampler, plan_shard
 
     cfg = {**cfg, "smoothing": {**cfg["smoothing"], "schedule": schedule}}
     streams = plan_shard(cfg, num_images, 0, 1, 1)[1]
@@ -236,7 +236,7 @@ class Setup:
     """The models and images of one benchmark, and how each way draws their votes."""
 
     def __init__(self, cfg: dict, device: torch.device):
-        from msscale.models import build_smoothed_model, prepare_for_inference
+        from msscale.models.loading import build_smoothed_model, prepare_for_inference
 
         bench, smoothing = cfg["bench"], cfg["smoothing"]
         if bench["random_denoiser"] is not None:

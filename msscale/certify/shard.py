@@ -17,10 +17,17 @@ import torch
 from tqdm import tqdm
 
 import msscale
-from msscale.counts import Counts, load_counts, save_counts
+from msscale.certify.counts import Counts, load_counts, save_counts
 from msscale.errors import UserError
-from msscale.sampling import ESTIMATE, NUM_STREAMS, SELECT, block_sizes, count_votes, plan_blocks
-from msscale.stats import clopper_pearson_upper
+from msscale.smoothing.sampling import (
+    ESTIMATE,
+    NUM_STREAMS,
+    SELECT,
+    block_sizes,
+    count_votes,
+    plan_blocks,
+)
+from msscale.smoothing.stats import clopper_pearson_upper
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +107,8 @@ def _resume(path: Path, meta: dict, sigmas, num_classes: int) -> Counts:
 
 def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: int = 1) -> Path:
     """Certification sampling of one shard; writes and returns <out>/counts/<shard>.npz."""
-    from msscale.data import open_dataset, select_indices
-    from msscale.models import (
+    from msscale.data.dataset import open_dataset, select_indices
+    from msscale.models.loading import (
         build_smoothed_model,
         model_fingerprint,
         prepare_for_inference,

@@ -40,7 +40,7 @@ def make_tiny_models(
     from diffusers import DDPMScheduler
     from safetensors.torch import save_file
 
-    from msscale.models import save_denoiser
+    from msscale.models.loading import save_denoiser
 
     out = Path(out)
     torch.manual_seed(seed)

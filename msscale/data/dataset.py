@@ -43,7 +43,7 @@ import webdataset as wds
 from PIL import Image
 
 from msscale.errors import UserError
-from msscale.io import atomic_write_text, sha256_file
+from msscale.atomic import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from msscale.demo_models import ASSETS, demo_certify_sections
-from msscale.io import atomic_write_text
+from msscale.atomic import atomic_write_text
+from msscale.demo.models import ASSETS, demo_certify_sections
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _certify_config(out: Path, data: Path, denoiser: Path, preset: dict, schedul
 
 
 def _finetune(out: Path, data: Path, preset: dict) -> Path:
-    from msscale.finetune_job import submit_finetune
+    from msscale.finetune.job import submit_finetune
 
     config = Path(__file__).parents[1] / "configs" / "finetune_digits.yaml"  # editable install
     overrides = [
@@ -72,9 +72,9 @@ def _finetune(out: Path, data: Path, preset: dict) -> Path:
 
 def run_demo(out: str | Path, quick: bool = False) -> dict:
     """The five methods of the demo; returns the summary written to out/summary.json."""
-    from msscale.certify_array import run_array
-    from msscale.data import make_shards
-    from msscale.report import methods_of, summarize_methods, write_comparison
+    from msscale.certify.array import run_array
+    from msscale.certify.report import methods_of, summarize_methods, write_comparison
+    from msscale.data.dataset import make_shards
 
     started = time.time()
     out, preset = Path(out), PRESETS["quick" if quick else "full"]

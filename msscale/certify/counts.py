@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msscale.atomic import atomic_path
 from msscale.errors import UserError
-from msscale.io import atomic_path
 
 KEYS = ("index", "label", "sigmas", "select", "estimate", "meta")
 

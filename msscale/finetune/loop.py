@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msscale.atomic import atomic_write_text
 from msscale.errors import UserError
-from msscale.io import atomic_write_text
-from msscale.train_config import per_device_batch
+from msscale.finetune.schema import per_device_batch
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Scales:
 
     @classmethod
     def build(cls, cal: dict, alphas_cumprod: torch.Tensor, device) -> Scales:
-        from msscale.denoise import timestep_for_sigma
+        from msscale.smoothing.denoise import timestep_for_sigma
 
         sigmas = cal["sigmas"]
         weights = cal["sigma_weights"] or [1.0] * len(sigmas)
@@ -267,8 +267,8 @@ def calibration_forward(
     regulariser's inputs, at uniform random timesteps, share the same UNet call, so every
     parameter is used exactly once per backward (what DDP expects).
     """
-    from msscale.denoise import x0_from_model_output
-    from msscale.losses import calibration_loss, diffusion_loss, diffusion_target
+    from msscale.finetune.losses import calibration_loss, diffusion_loss, diffusion_target
+    from msscale.smoothing.denoise import x0_from_model_output
 
     batch, device = images.shape[0], images.device
     scale = torch.multinomial(scales.weights, batch, replacement=True, generator=generator)
@@ -317,7 +317,7 @@ class TrainStream:
     """
 
     def __init__(self, cfg: dict, batch_size: int, rank: int, world_size: int):
-        from msscale.data import open_dataset
+        from msscale.data.dataset import open_dataset
 
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.urls = [str(p) for p in open_dataset(cfg["data"]["train_shards"]).shards]
@@ -335,7 +335,7 @@ class TrainStream:
                         f"of {self.batch_size} images")
 
     def _loader(self, step: int):
-        from msscale.data import make_training_pipeline
+        from msscale.data.dataset import make_training_pipeline
 
         data = self.cfg["data"]
         pipeline = make_training_pipeline(
@@ -364,7 +364,7 @@ def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch
 
     Returns ({tag: value}, {sigma: grid tensor}) on every rank; the grid is rank 0's.
     """
-    from msscale.data import open_dataset
+    from msscale.data.dataset import open_dataset
 
     cal, device = cfg["calibration"], accelerator.device
     dataset = open_dataset(cfg["data"]["val_shards"])
@@ -495,7 +495,7 @@ def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
     """The EMA UNet + scheduler/ under <out>/final (via a temporary directory and rename)."""
     from diffusers import UNet2DModel
 
-    from msscale.models import save_denoiser
+    from msscale.models.loading import save_denoiser
 
     model = UNet2DModel.from_config(unet_config)
     ema.copy_to(model.parameters())
@@ -527,9 +527,9 @@ def train(cfg: dict) -> Path:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from msscale.data import open_dataset
-    from msscale.denoise import OneShotDenoiser
-    from msscale.models import build_classifier, load_scheduler, load_unet
+    from msscale.data.dataset import open_dataset
+    from msscale.models.loading import build_classifier, load_scheduler, load_unet
+    from msscale.smoothing.denoise import OneShotDenoiser
 
     out, train_cfg, cal = Path(cfg["out"]), cfg["train"], cfg["calibration"]
     open_dataset(cfg["data"]["train_shards"])  # bad shard URLs fail before any set-up

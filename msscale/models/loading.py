@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from msscale.denoise import Classifier, DenoiseAndClassify, OneShotDenoiser
+from msscale.atomic import sha256_file
 from msscale.errors import UserError
-from msscale.io import sha256_file
+from msscale.smoothing.denoise import Classifier, DenoiseAndClassify, OneShotDenoiser
 
 log = logging.getLogger(__name__)
 

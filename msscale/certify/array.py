@@ -24,9 +24,9 @@ from pathlib import Path
 import submitit
 import yaml
 
-from msscale.certify_job import plan_shard, shard_path
+from msscale.atomic import atomic_write_text
+from msscale.certify.shard import plan_shard, shard_path
 from msscale.errors import UserError
-from msscale.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ShardTask(submitit.helpers.Checkpointable):
     def __call__(self, shard_id: int, num_shards: int, sample_splits: int) -> str:
         import torch
 
-        from msscale.certify_job import run_shard
+        from msscale.certify.shard import run_shard
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         threads = os.environ.get("SLURM_CPUS_PER_TASK") or self.cfg["slurm"]["cpus_per_task"]
@@ -103,7 +103,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def _refuse_other_split(out: Path, shards: int, sample_splits: int) -> None:
     """Shard files of a run split another way cannot be resumed or merged with this one."""
-    from msscale.counts import load_counts
+    from msscale.certify.counts import load_counts
 
     total = shards * sample_splits
     files = sorted((out / "counts").glob("shard-*-of-*.npz"))
@@ -239,7 +239,7 @@ def _last_line(trace: str) -> str:
 def submit_array(cfg: dict, cluster: str, shards: int, sample_splits: int,
                  parallelism: int | None = None) -> ArrayRun:
     """Submit the shards that are neither finished nor still queued on Slurm."""
-    from msscale.launch import make_executor
+    from msscale.cluster import make_executor
 
     total = shards * sample_splits
     plan_shard(cfg, 0, 0, total, sample_splits)  # refuse a bad split before submitting
@@ -326,7 +326,7 @@ def run_array(cfg: dict, cluster: str, shards: int, sample_splits: int = 1,
               parallelism: int | None = None, wait: bool = True, poll_s: float = 2.0):
     """The whole command: submit what is missing, wait, merge. Returns the merged Counts
     (None with wait=False, which returns as soon as the array is submitted)."""
-    from msscale.merge import merge_run
+    from msscale.certify.merge import merge_run
 
     if shards < 1 or sample_splits < 1:
         raise UserError("--shards and --sample-splits must be at least 1")

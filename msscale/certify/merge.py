@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from msscale.counts import Counts, load_counts, save_counts
+from msscale.certify.counts import Counts, load_counts, save_counts
 from msscale.errors import UserError
-from msscale.sampling import block_sizes
+from msscale.smoothing.sampling import block_sizes
 
 SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.npz$")
 PER_SHARD_KEYS = ("shard", "select_blocks", "estimate_blocks")
@@ -132,7 +132,7 @@ def _check_cover(image: int, spans: list[tuple[Path, list[int]]], key: str, tota
 
 def merge_run(out: str | Path) -> Counts:
     """Merge the shards of `out` into out/counts.npz and write the results beside it."""
-    from msscale.report import write_results
+    from msscale.certify.report import write_results
 
     counts = merge_shards(out)
     save_counts(counts, Path(out) / "counts.npz")

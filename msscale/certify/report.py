@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from msscale.counts import Counts
+from msscale.atomic import atomic_path, atomic_write_text
+from msscale.certify.counts import Counts
 from msscale.errors import UserError
-from msscale.io import atomic_path, atomic_write_text
-from msscale.stats import certify_table, floor_decimals
+from msscale.smoothing.stats import certify_table, floor_decimals
 
 log = logging.getLogger(__name__)
 

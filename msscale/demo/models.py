@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from msscale.io import atomic_write_text
+from msscale.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).parent / "assets" / "demo"
+ASSETS = Path(__file__).parents[1] / "assets" / "demo"
 SETTINGS = {
     "seed": 0,
     "image_size": 16,
@@ -55,7 +55,7 @@ def demo_certify_sections(assets: Path = ASSETS) -> dict:
 
 
 def _digits(split: str, workdir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from msscale.data import make_shards, open_dataset
+    from msscale.data.dataset import make_shards, open_dataset
 
     make_shards("digits", workdir / split, split=split, image_size=SETTINGS["image_size"])
     dataset = open_dataset(workdir / split / "dataset.json")
@@ -75,7 +75,7 @@ def train_unet(images: torch.Tensor):
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    from msscale.tiny import tiny_unet
+    from msscale.models.tiny import tiny_unet
 
     unet = tiny_unet(SETTINGS["image_size"], tuple(SETTINGS["unet_channels"]))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
@@ -106,7 +106,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor):
     """The base classifier, trained on clean images only (denoised smoothing's premise)."""
     import timm
 
-    from msscale.denoise import Classifier
+    from msscale.smoothing.denoise import Classifier
 
     model = timm.create_model(SETTINGS["classifier"], pretrained=False, num_classes=10)
     wrapped = Classifier(model, SETTINGS["classifier_input_size"], [0.5] * 3, [0.5] * 3)
@@ -134,7 +134,7 @@ def train_demo_models(out: Path = ASSETS, workdir: Path | None = None) -> dict:
 
     from safetensors.torch import save_file
 
-    from msscale.models import save_denoiser
+    from msscale.models.loading import save_denoiser
 
     torch.manual_seed(SETTINGS["seed"])
     started = time.time()

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from msscale.io import atomic_write_text
-from msscale.sampling import PREDICT, block_sizes, count_votes, plan_blocks
-from msscale.stats import cascade_predict, cohen_predict
+from msscale.atomic import atomic_write_text
+from msscale.smoothing.sampling import PREDICT, block_sizes, count_votes, plan_blocks
+from msscale.smoothing.stats import cascade_predict, cohen_predict
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def predict_votes(cfg: dict, model, index: list[int], images: torch.Tensor, n: i
 
 def run_predict(cfg: dict, n: int) -> dict:
     """Predict every addressed image; writes <out>/predict.tsv and <out>/predict.json."""
-    from msscale.certify_job import chunks, fit_to_denoiser
-    from msscale.data import open_dataset, select_indices
-    from msscale.models import build_smoothed_model, resolve_device
+    from msscale.certify.shard import chunks, fit_to_denoiser
+    from msscale.data.dataset import open_dataset, select_indices
+    from msscale.models.loading import build_smoothed_model, resolve_device
 
     out, smoothing = Path(cfg["out"]), cfg["smoothing"]
     dataset = open_dataset(cfg["data"]["shards"])
