@@ -21,7 +21,7 @@ def _add_cfg(parser: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def cmd_make_shards(args) -> None:
-    from msscale.data.dataset import make_shards
+    from msscale.data.shards import make_shards
 
     image_size = args.image_size or (16 if args.source == "digits" else None)
     info = make_shards(

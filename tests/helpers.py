@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from msscale.config import load_config
-from msscale.data.dataset import make_shards
+from msscale.data.shards import make_shards
 from msscale.models.tiny import make_tiny_models
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from msscale.data import dataset as data
+from msscale.data import dataset as reading
+from msscale.data import shards, sources, stream
 from msscale.errors import UserError
 
 
@@ -20,7 +21,7 @@ from msscale.errors import UserError
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits test split (360 images) in shards of 100."""
     out = tmp_path_factory.mktemp("digits")
-    data.make_shards("digits", out, split="test", image_size=16, shard_size=100)
+    shards.make_shards("digits", out, split="test", image_size=16, shard_size=100)
     return out
 
 
@@ -43,7 +44,7 @@ def _cifar_dir(root: Path, n_per_batch: int = 4) -> Path:
     names = [f"class{c}".encode() for c in range(10)]
     with open(root / "batches.meta", "wb") as handle:
         pickle.dump({b"label_names": names, b"num_vis": 3072}, handle, protocol=2)
-    for batch in [*data.CIFAR_TRAIN_BATCHES, *data.CIFAR_TEST_BATCHES]:
+    for batch in [*sources.CIFAR_TRAIN_BATCHES, *sources.CIFAR_TEST_BATCHES]:
         content = {
             b"batch_label": batch.encode(),
             b"labels": [int(x) for x in rng.integers(0, 10, n_per_batch)],
@@ -63,11 +64,11 @@ def test_digits_round_trip(digits_shards: Path) -> None:
     assert [s["count"] for s in info["shards"]] == [100, 100, 100, 60]
     assert [s["name"] for s in info["shards"]][0] == "digits-000000.tar"
 
-    dataset = data.open_dataset(digits_shards / "dataset.json")
+    dataset = reading.open_dataset(digits_shards / "dataset.json")
     assert dataset.count == 360 and dataset.num_classes == 10
     rows = list(dataset.iter_images(range(dataset.count)))
     assert [i for i, _, _ in rows] == list(range(360))
-    expected = load_digits().target[data.digits_split_indices("test")]
+    expected = load_digits().target[sources.digits_split_indices("test")]
     assert [label for _, _, label in rows] == expected.tolist()
     for _, image, _ in rows[:5]:
         assert image.dtype == torch.float32 and tuple(image.shape) == (3, 16, 16)
@@ -76,18 +77,18 @@ def test_digits_round_trip(digits_shards: Path) -> None:
 
 
 def test_digits_split_is_fixed_and_disjoint() -> None:
-    test, train = data.digits_split_indices("test"), data.digits_split_indices("train")
+    test, train = sources.digits_split_indices("test"), sources.digits_split_indices("train")
     assert len(test) == 360 and len(train) == 1797 - 360
     assert not set(test) & set(train)
-    assert np.array_equal(test, data.digits_split_indices("test"))
+    assert np.array_equal(test, sources.digits_split_indices("test"))
 
 
 def test_sparse_indices_across_shards(digits_shards: Path, monkeypatch) -> None:
-    dataset = data.open_dataset(digits_shards)
+    dataset = reading.open_dataset(digits_shards)
     every = {i: (img, label) for i, img, label in dataset.iter_images(range(360))}
     opened = []
-    real_read = data._read_shard
-    monkeypatch.setattr(data, "_read_shard", lambda p: (opened.append(p.name), real_read(p))[1])
+    real_read = reading.read_shard
+    monkeypatch.setattr(reading, "read_shard", lambda p: (opened.append(p.name), real_read(p))[1])
     wanted = [359, 3, 99, 100, 101, 299, 3]
     rows = list(dataset.iter_images(wanted))
     assert [i for i, _, _ in rows] == [3, 99, 100, 101, 299, 359]
@@ -101,12 +102,13 @@ def test_sparse_indices_across_shards(digits_shards: Path, monkeypatch) -> None:
 
 def test_index_out_of_range(digits_shards: Path) -> None:
     with pytest.raises(UserError, match="360"):
-        list(data.open_dataset(digits_shards).iter_images([360]))
+        list(reading.open_dataset(digits_shards).iter_images([360]))
 
 
 def test_brace_url_matches_json(digits_shards: Path) -> None:
     url = str(digits_shards / "digits-{000000..000003}.tar")
-    by_url, by_json = data.open_dataset(url), data.open_dataset(digits_shards / "dataset.json")
+    by_url = reading.open_dataset(url)
+    by_json = reading.open_dataset(digits_shards / "dataset.json")
     assert [p.name for p in by_url.shards] == [p.name for p in by_json.shards]
     assert by_url.fingerprint() == by_json.fingerprint()
     assert by_url.count == 360
@@ -117,19 +119,19 @@ def test_brace_url_matches_json(digits_shards: Path) -> None:
 def test_url_without_json_counts_in_one_pass(digits_shards: Path, tmp_path: Path) -> None:
     for name in ("digits-000001.tar", "digits-000003.tar"):
         (tmp_path / name).write_bytes((digits_shards / name).read_bytes())
-    dataset = data.open_dataset(str(tmp_path / "digits-{000001,000003}.tar"))
+    dataset = reading.open_dataset(str(tmp_path / "digits-{000001,000003}.tar"))
     assert dataset.num_classes is None and dataset.count == 160
     assert dataset.shard_counts == [100, 60]
     rows = list(dataset.iter_images([0, 159]))
     assert [i for i, _, _ in rows] == [0, 159]
-    reference = data.open_dataset(digits_shards)
+    reference = reading.open_dataset(digits_shards)
     assert rows[1][2] == next(reference.iter_images([359]))[2]
 
 
 def test_url_matching_nothing(tmp_path: Path) -> None:
     pattern = str(tmp_path / "nothing-{000000..000003}.tar")
     with pytest.raises(UserError, match="nothing-"):
-        data.open_dataset(pattern)
+        reading.open_dataset(pattern)
 
 
 @pytest.mark.parametrize("cut", ["mid_member", "member_boundary"])
@@ -140,7 +142,7 @@ def test_truncated_shard_is_named(digits_shards: Path, tmp_path: Path, cut: str)
     size = len(content) // 2 + 100 if cut == "mid_member" else 512 * 20
     bad.write_bytes(content[:size])
     with pytest.raises(UserError, match=r"corrupt shard .*digits-000000\.tar.*key 0000"):
-        list(data.open_dataset(str(bad)).iter_images(range(100)))
+        list(reading.open_dataset(str(bad)).iter_images(range(100)))
 
 
 def test_verify_catches_modified_shard(digits_shards: Path, tmp_path: Path) -> None:
@@ -148,13 +150,13 @@ def test_verify_catches_modified_shard(digits_shards: Path, tmp_path: Path) -> N
     copy.mkdir()
     for path in digits_shards.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
-    data.open_dataset(copy).verify()
+    reading.open_dataset(copy).verify()
     shard = copy / "digits-000002.tar"
     content = bytearray(shard.read_bytes())
     content[-2000] ^= 0xFF
     shard.write_bytes(bytes(content))
     with pytest.raises(UserError, match="digits-000002.tar"):
-        data.open_dataset(copy).verify()
+        reading.open_dataset(copy).verify()
 
 
 def test_sample_without_label_is_named(tmp_path: Path) -> None:
@@ -166,18 +168,18 @@ def test_sample_without_label_is_named(tmp_path: Path) -> None:
         writer.write({"__key__": "000000", "png": image, "cls": 1})
         writer.write({"__key__": "000001", "png": image})
     with pytest.raises(UserError, match=r"x-000000\.tar.*000001"):
-        list(data.open_dataset(str(shard)).iter_images([0, 1]))
+        list(reading.open_dataset(str(shard)).iter_images([0, 1]))
 
 
 def test_image_folder(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "pets")
-    info = data.make_shards(root, tmp_path / "out", image_size=None, shard_size=4)
+    info = shards.make_shards(root, tmp_path / "out", image_size=None, shard_size=4)
     assert info["class_names"] == ["cat", "dog"] and info["count"] == 6
     assert info["image_size"] == [10, 12]
-    rows = list(data.open_dataset(tmp_path / "out").iter_images(range(6)))
+    rows = list(reading.open_dataset(tmp_path / "out").iter_images(range(6)))
     assert [label for _, _, label in rows] == [0, 0, 0, 1, 1, 1]
     assert tuple(rows[0][1].shape) == (3, 10, 12)
-    resized = data.make_shards(root, tmp_path / "out16", image_size=16)
+    resized = shards.make_shards(root, tmp_path / "out16", image_size=16)
     assert resized["image_size"] == [16, 16]
 
 
@@ -185,8 +187,8 @@ def test_unreadable_image_named_or_skipped(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "pets")
     (root / "dog" / "01b.png").write_bytes(b"this is not a png")
     with pytest.raises(UserError, match=r"dog/01b\.png"):
-        data.make_shards(root, tmp_path / "out", image_size=8)
-    info = data.make_shards(root, tmp_path / "out", image_size=8, skip_bad=True)
+        shards.make_shards(root, tmp_path / "out", image_size=8)
+    info = shards.make_shards(root, tmp_path / "out", image_size=8, skip_bad=True)
     assert info["skipped"] == ["dog/01b.png"] and info["count"] == 6
     saved = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert saved["skipped"] == ["dog/01b.png"]
@@ -197,30 +199,30 @@ def test_failure_midway_leaves_no_dataset_json(tmp_path: Path) -> None:
     (root / "dog" / "03.png").write_bytes(b"\x89PNG truncated")  # late in the order
     out = tmp_path / "out"
     with pytest.raises(UserError, match="03.png"):
-        data.make_shards(root, out, image_size=8, shard_size=1)
+        shards.make_shards(root, out, image_size=8, shard_size=1)
     assert list(out.iterdir()) == []  # no dataset.json, no shards, no staging directory
 
 
 def test_rerun_replaces_stale_shards(tmp_path: Path) -> None:
     root = _image_folder(tmp_path / "pets")
-    data.make_shards(root, tmp_path / "out", image_size=8, shard_size=1)
-    data.make_shards(root, tmp_path / "out", image_size=8, shard_size=4)
+    shards.make_shards(root, tmp_path / "out", image_size=8, shard_size=1)
+    shards.make_shards(root, tmp_path / "out", image_size=8, shard_size=4)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["dataset.json", "pets-000000.tar", "pets-000001.tar"]
 
 
 def test_cifar_batches(tmp_path: Path) -> None:
     root = _cifar_dir(tmp_path / "cifar")
-    info = data.make_shards(root, tmp_path / "out", split="test", image_size=None)
+    info = shards.make_shards(root, tmp_path / "out", split="test", image_size=None)
     assert info["count"] == 4 and info["image_size"] == [32, 32]
     assert info["class_names"][3] == "class3"
     with open(root / "test_batch", "rb") as handle:
         batch = pickle.load(handle)
-    rows = list(data.open_dataset(tmp_path / "out").iter_images(range(4)))
+    rows = list(reading.open_dataset(tmp_path / "out").iter_images(range(4)))
     assert [label for _, _, label in rows] == batch[b"labels"]
     first = batch[b"data"][0].reshape(3, 32, 32).astype(np.float32) / 255.0
     assert torch.allclose(rows[0][1], torch.from_numpy(first))
-    train = data.make_shards(root, tmp_path / "train", split="train", image_size=16)
+    train = shards.make_shards(root, tmp_path / "train", split="train", image_size=16)
     assert train["count"] == 20 and train["image_size"] == [16, 16]
 
 
@@ -238,31 +240,31 @@ def test_cifar_pickle_with_forbidden_global_is_refused(tmp_path: Path) -> None:
     with open(root / "test_batch", "wb") as handle:
         pickle.dump({b"data": _Evil(marker), b"labels": [0]}, handle, protocol=2)
     with pytest.raises(UserError, match=r"test_batch.*system"):
-        data.make_shards(root, tmp_path / "out", image_size=None)
+        shards.make_shards(root, tmp_path / "out", image_size=None)
     assert not marker.exists()
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="16 or 32"):
-        data.make_shards("digits", tmp_path, image_size=24)
+        shards.make_shards("digits", tmp_path, image_size=24)
     with pytest.raises(UserError, match="split"):
-        data.make_shards("digits", tmp_path, split="val")
+        shards.make_shards("digits", tmp_path, split="val")
     with pytest.raises(UserError, match="neither"):
-        data.make_shards(tmp_path / "missing", tmp_path)
+        shards.make_shards(tmp_path / "missing", tmp_path)
 
 
 def test_select_indices() -> None:
-    assert data.select_indices(10) == list(range(10))
-    assert data.select_indices(10, skip=3) == [0, 3, 6, 9]
-    assert data.select_indices(10, skip=3, max_images=2) == [0, 3]
-    assert data.select_indices(0, skip=5) == []
+    assert reading.select_indices(10) == list(range(10))
+    assert reading.select_indices(10, skip=3) == [0, 3, 6, 9]
+    assert reading.select_indices(10, skip=3, max_images=2) == [0, 3]
+    assert reading.select_indices(0, skip=5) == []
     with pytest.raises(UserError, match="skip"):
-        data.select_indices(10, skip=0)
+        reading.select_indices(10, skip=0)
 
 
 def test_training_pipeline_is_reproducible(digits_shards: Path) -> None:
     def first_batches(seed: int, rank: int) -> list:
-        pipeline = data.make_training_pipeline(
+        pipeline = stream.make_training_pipeline(
             digits_shards, batch_size=8, image_size=16, seed=seed, world_rank=rank,
             world_size=2, epoch_length=2,
         )

@@ -61,7 +61,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict:
     """Tiny random denoiser + classifier, digits train and test shards (16x16)."""
-    from msscale.data.dataset import make_shards
+    from msscale.data.shards import make_shards
     from msscale.models.tiny import make_tiny_models
 
     root = tmp_path_factory.mktemp("finetune-assets")

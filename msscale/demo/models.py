@@ -55,7 +55,8 @@ def demo_certify_sections(assets: Path = ASSETS) -> dict:
 
 
 def _digits(split: str, workdir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from msscale.data.dataset import make_shards, open_dataset
+    from msscale.data.dataset import open_dataset
+    from msscale.data.shards import make_shards
 
     make_shards("digits", workdir / split, split=split, image_size=SETTINGS["image_size"])
     dataset = open_dataset(workdir / split / "dataset.json")

@@ -74,7 +74,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     """The five methods of the demo; returns the summary written to out/summary.json."""
     from msscale.certify.array import run_array
     from msscale.certify.report import methods_of, summarize_methods, write_comparison
-    from msscale.data.dataset import make_shards
+    from msscale.data.shards import make_shards
 
     started = time.time()
     out, preset = Path(out), PRESETS["quick" if quick else "full"]

@@ -335,7 +335,7 @@ class TrainStream:
                         f"of {self.batch_size} images")
 
     def _loader(self, step: int):
-        from msscale.data.dataset import make_training_pipeline
+        from msscale.data.stream import make_training_pipeline
 
         data = self.cfg["data"]
         pipeline = make_training_pipeline(
