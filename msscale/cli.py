@@ -38,10 +38,10 @@ def cmd_make_shards(args) -> None:
 def cmd_certify(args) -> None:
     from msscale.certify.array import prepare_run_dir
     from msscale.certify.merge import merge_run
+    from msscale.certify.schema import load_certify_config
     from msscale.certify.shard import run_shard
-    from msscale.config import load_config
 
-    cfg = load_config(args.cfg, args.overrides, kind="certify")
+    cfg = load_certify_config(args.cfg, args.overrides)
     prepare_run_dir(cfg)  # refuses a run directory made with another config
     run_shard(cfg)
     counts = merge_run(cfg["out"])
@@ -50,10 +50,10 @@ def cmd_certify(args) -> None:
 
 def cmd_certify_shard(args) -> None:
     from msscale.certify.array import prepare_run_dir
+    from msscale.certify.schema import load_certify_config
     from msscale.certify.shard import run_shard
-    from msscale.config import load_config
 
-    cfg = load_config(args.cfg, args.overrides, kind="certify")
+    cfg = load_certify_config(args.cfg, args.overrides)
     total = args.shards * args.sample_splits
     if not 0 <= args.shard < total:
         raise UserError(f"--shard {args.shard} is outside 0..{total - 1}")
@@ -106,19 +106,19 @@ def cmd_bench(args) -> None:
     import json
 
     from msscale.bench.sampling import format_report, run_bench
-    from msscale.config import load_config
+    from msscale.certify.schema import load_certify_config
     from msscale.models.loading import resolve_device
 
-    cfg = load_config(args.cfg, args.overrides, kind="certify")
+    cfg = load_certify_config(args.cfg, args.overrides)
     result = run_bench(cfg, resolve_device(args.device or cfg["device"]))
     sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else format_report(result))
 
 
 def cmd_predict(args) -> None:
     from msscale.certify.predict import run_predict
-    from msscale.config import load_config
+    from msscale.certify.schema import load_certify_config
 
-    cfg = load_config(args.cfg, args.overrides, kind="certify")
+    cfg = load_certify_config(args.cfg, args.overrides)
     run_predict(cfg, args.n)
     log.info("wrote %s", Path(cfg["out"]) / "predict.tsv")
 

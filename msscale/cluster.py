@@ -5,11 +5,24 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from msscale.config import Key
 from msscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
 CLUSTERS = ("slurm", "local", "debug")
+
+# The `slurm` section of every job config.
+SLURM = {
+    "partition": Key(str, None, nullable=True),
+    "account": Key(str, None, nullable=True),
+    "qos": Key(str, None, nullable=True),
+    "gpus_per_node": Key(int, 0, min=0),
+    "cpus_per_task": Key(int, 1, min=1),
+    "mem_gb": Key(int, 4, min=1),
+    "time_min": Key(int, 60, min=1),
+    "array_parallelism": Key(int, 256, min=1),
+}
 
 
 def make_executor(

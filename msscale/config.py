@@ -1,6 +1,7 @@
 """Configs: YAML files, `key.sub=value` overrides, validation against a schema.
 
-Each kind of job (certify, finetune) has a schema: a nested dict whose leaves are `Key`s.
+The mechanism only: each kind of job has its schema beside its code (certify/schema.py,
+finetune/schema.py): a nested dict whose leaves are `Key`s.
 Merge order: schema defaults -> YAML file -> command-line overrides. Every error names the
 key and what was expected; an unknown key lists the valid ones.
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from msscale.atomic import atomic_write_text
 from msscale.errors import UserError
 
 REQUIRED = object()
@@ -32,77 +35,7 @@ class Key:
     max: float | None = None
     item_type: type | None = None  # for lists
     help: str = ""
-
-
-SLURM = {
-    "partition": Key(str, None, nullable=True),
-    "account": Key(str, None, nullable=True),
-    "qos": Key(str, None, nullable=True),
-    "gpus_per_node": Key(int, 0, min=0),
-    "cpus_per_task": Key(int, 1, min=1),
-    "mem_gb": Key(int, 4, min=1),
-    "time_min": Key(int, 60, min=1),
-    "array_parallelism": Key(int, 256, min=1),
-}
-
-CLASSIFIER = {
-    "name": Key(str, help="timm model name"),
-    "checkpoint": Key(str, None, nullable=True, help="local weights file; null = random init"),
-    "num_classes": Key(int, min=2),
-    "input_size": Key(int, None, nullable=True, min=1, help="default: the timm config"),
-    "mean": Key(list, None, nullable=True, item_type=float),
-    "std": Key(list, None, nullable=True, item_type=float),
-    "kwargs": Key(dict, {}, help="extra timm.create_model arguments"),
-}
-
-CERTIFY_SCHEMA = {
-    "seed": Key(int, 0, min=0),
-    "out": Key(str, "runs/certify"),
-    "device": Key(str, "auto", choices=("auto", "cpu", "cuda")),
-    "precision": Key(
-        str, "fp32", choices=("fp32", "bf16"), help="bf16: autocast (GPUs, CPUs with AVX512-BF16)"
-    ),
-    "channels_last": Key(bool, True, help="run the models in channels_last memory format"),
-    "compile": Key(bool, False, help="torch.compile the models (slow start, faster sampling)"),
-    "denoiser": {"path": Key(str)},
-    "classifier": CLASSIFIER,
-    "data": {
-        "shards": Key(str, help="brace-expanded WebDataset URL or a dataset.json"),
-        "skip": Key(int, 1, min=1, help="certify every skip-th image"),
-        "max_images": Key(int, None, nullable=True, min=1),
-    },
-    "smoothing": {
-        "sigmas": Key(list, [0.25, 0.5, 1.0], item_type=float),
-        "n0": Key(int, 100, min=1),
-        "n": Key(int, 10000, min=1),
-        "alpha": Key(float, 0.001, min=1e-12, max=0.5),
-        "p0": Key(float, 0.5, min=0.5, max=0.999999),
-        "schedule": Key(str, "full", choices=("full", "cascade")),
-        "batch_size": Key(int, 256, min=1),
-        "noise_block": Key(int, 1000, min=1, help="draws per counter-based noise block"),
-        "flush_every": Key(int, 16, min=1, help="images between progress flushes"),
-    },
-    "bench": {
-        "images": Key(int, 4, min=1, help="images timed"),
-        "warmup": Key(int, 1, min=0, help="images run first, not timed"),
-        "rounds": Key(int, 3, min=1, help="timed repetitions; figures are their median"),
-        "inputs": Key(str, "data", choices=("data", "random"), help="data.shards or noise"),
-        "random_denoiser": Key(
-            dict, None, nullable=True, help="UNet2DModel config: random weights at denoiser.path"
-        ),
-    },
-    "slurm": SLURM,
-}
-
-
-def _schema_for(kind: str) -> dict:
-    if kind == "certify":
-        return CERTIFY_SCHEMA
-    if kind == "finetune":
-        from msscale.finetune.schema import FINETUNE_SCHEMA
-
-        return FINETUNE_SCHEMA
-    raise ValueError(f"unknown config kind {kind!r}")
+    check: Callable[[str, Any], None] | None = None  # raises UserError(key path, value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -171,7 +104,17 @@ def _check_leaf(path: str, leaf: Key, value: Any) -> Any:
             raise UserError(f"config key {path}: expected >= {leaf.min}, got {number!r}")
         if leaf.max is not None and number > leaf.max:
             raise UserError(f"config key {path}: expected <= {leaf.max}, got {number!r}")
+    if leaf.check is not None:
+        leaf.check(path, value)
     return value
+
+
+def ascending_scales(path: str, sigmas: list[float]) -> None:
+    """The check for every list of noise scales: non-empty, positive, distinct, ascending."""
+    if not sigmas or any(s <= 0 for s in sigmas) or sorted(set(sigmas)) != sigmas:
+        raise UserError(
+            f"config key {path}: expected distinct ascending positive noise scales, got {sigmas}"
+        )
 
 
 def _type_name(types: tuple) -> str:
@@ -208,47 +151,31 @@ def _leaf_paths(schema: dict, prefix: str = "") -> list[str]:
     return paths
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), kind: str = "certify"):
-    """Load a YAML config, apply `key.sub=value` overrides, validate; returns a nested dict.
+def load_config(path: str | os.PathLike | None, overrides: list[str], schema: dict) -> dict:
+    """Load a YAML config, apply `key.sub=value` overrides, validate against `schema`.
 
     Relative paths in the YAML stay as written (relative to the working directory).
     """
-    schema = _schema_for(kind)
-    from_file = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            from_file = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(from_file, dict):
-            raise UserError(f"config file {path} must hold a mapping at the top level")
-    cfg = _deep_merge(_defaults(schema), from_file)
+    cfg = _deep_merge(_defaults(schema), _read_yaml(path) if path is not None else {})
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(cfg, key, value)
-    cfg = _validate(cfg, schema)
-    if kind == "certify":
-        _check_certify(cfg)
-    return cfg
+    return _validate(cfg, schema)
 
 
-def _check_certify(cfg: dict) -> None:
-    sigmas = cfg["smoothing"]["sigmas"]
-    if not sigmas:
-        raise UserError("config key smoothing.sigmas: expected at least one noise scale")
-    if any(s <= 0 for s in sigmas):
-        raise UserError(f"config key smoothing.sigmas: expected positive values, got {sigmas}")
-    if sorted(set(sigmas)) != sigmas:
-        raise UserError(
-            f"config key smoothing.sigmas: expected distinct ascending values, got {sigmas}"
-        )
+def _read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        from_file = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(from_file, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return from_file
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), so a run directory says how it was made."""
-    from msscale.atomic import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

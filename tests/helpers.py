@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from msscale.config import load_config
+from msscale.certify.schema import load_certify_config
 from msscale.data.shards import make_shards
 from msscale.models.tiny import make_tiny_models
 
@@ -43,4 +43,4 @@ def write_certify_yaml(assets: dict, path: Path, out: Path, **smoothing) -> Path
 
 def certify_config(assets: dict, tmp_path: Path, *overrides: str, **smoothing) -> dict:
     path = write_certify_yaml(assets, tmp_path / "certify.yaml", tmp_path / "run", **smoothing)
-    return load_config(path, list(overrides), kind="certify")
+    return load_certify_config(path, overrides)

@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from msscale.bench.sampling import format_report, reference_votes, write_random_denoiser
+from msscale.certify.schema import load_certify_config
 from msscale.cli import main
-from msscale.config import load_config
 from msscale.errors import UserError
 from msscale.models.loading import build_smoothed_model, load_denoiser
 from msscale.smoothing.sampling import count_votes, plan_blocks
@@ -50,7 +50,7 @@ def test_bench_json_has_both_ways_the_ratio_and_the_flops(assets, tmp_path, caps
 
 
 def test_reference_counts_sum_to_the_draws_per_image_and_scale(assets, tmp_path):
-    cfg = load_config(_bench_yaml(assets, tmp_path))
+    cfg = load_certify_config(_bench_yaml(assets, tmp_path))
     model = build_smoothed_model(cfg, torch.device("cpu"))
     images = torch.rand(2, 3, 16, 16)
     timesteps = [model.denoiser.timestep(s) for s in SMOOTHING["sigmas"]]
@@ -60,7 +60,7 @@ def test_reference_counts_sum_to_the_draws_per_image_and_scale(assets, tmp_path)
 
 
 def test_padding_the_last_batch_and_channels_last_keep_the_votes(assets, tmp_path):
-    cfg = load_config(_bench_yaml(assets, tmp_path))
+    cfg = load_certify_config(_bench_yaml(assets, tmp_path))
     model = build_smoothed_model(cfg, torch.device("cpu"))
     images = torch.rand(2, 3, 16, 16)
     sigmas = SMOOTHING["sigmas"]

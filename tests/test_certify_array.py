@@ -44,9 +44,9 @@ import yaml
 from helpers import write_certify_yaml
 
 from msscale.certify.counts import load_counts, save_counts
+from msscale.certify.schema import load_certify_config
 from msscale.certify.shard import progress_path, run_shard, shard_path
 from msscale.cli import main as msscale_main
-from msscale.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "certify_array.py"
@@ -206,7 +206,7 @@ def _duplicated(run: Path, tmp: Path, cfg_path: Path) -> str:
 
 def _redo_shard_2(run: Path, cfg_path: Path, *overrides: str) -> None:
     shard_path(run, 2, 7).unlink()
-    run_shard(load_config(cfg_path, [f"out={run}", *overrides]), 2, 7)
+    run_shard(load_certify_config(cfg_path, [f"out={run}", *overrides]), 2, 7)
 
 
 def _other_seed(run: Path, tmp: Path, cfg_path: Path) -> str:

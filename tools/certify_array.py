@@ -11,8 +11,8 @@ import argparse
 import sys
 
 from msscale.certify.array import run_array
+from msscale.certify.schema import load_certify_config
 from msscale.cli import run_command
-from msscale.config import load_config
 
 
 def main(argv=None) -> int:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     overrides = args.overrides + ([f"out={args.out}"] if args.out else [])
 
     def certify() -> None:
-        cfg = load_config(args.cfg, overrides, kind="certify")
+        cfg = load_certify_config(args.cfg, overrides)
         run_array(cfg, args.cluster, args.shards, args.sample_splits,
                   args.array_parallelism, wait=not args.no_wait)
 

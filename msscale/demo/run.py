@@ -35,7 +35,7 @@ ALPHA = 0.001
 
 
 def _certify_config(out: Path, data: Path, denoiser: Path, preset: dict, schedule: str) -> dict:
-    from msscale.config import load_config
+    from msscale.certify.schema import load_certify_config
 
     sections = demo_certify_sections()
     sections["denoiser"]["path"] = str(denoiser)
@@ -51,7 +51,7 @@ def _certify_config(out: Path, data: Path, denoiser: Path, preset: dict, schedul
     path = out.with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return load_config(path, kind="certify")
+    return load_certify_config(path)
 
 
 def _finetune(out: Path, data: Path, preset: dict) -> Path:

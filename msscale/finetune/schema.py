@@ -1,13 +1,15 @@
-"""The fine-tuning config (DESIGN.md §1 "Diffusion calibration"): schema and cross-key checks.
+"""The fine-tuning config (docs/design.md §1.4, §4): schema and cross-key checks.
 
-`load_config(path, overrides, kind="finetune")` validates against FINETUNE_SCHEMA;
-`load_finetune_config` adds the checks that involve several keys.
+`load_finetune_config` validates against FINETUNE_SCHEMA and adds the checks that involve
+several keys.
 """
 
 from __future__ import annotations
 
-from msscale.config import CLASSIFIER, SLURM, Key, load_config
+from msscale.cluster import SLURM
+from msscale.config import Key, ascending_scales, load_config
 from msscale.errors import UserError
+from msscale.models.schema import CLASSIFIER
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 
@@ -28,7 +30,8 @@ FINETUNE_SCHEMA = {
         "flip": Key(bool, True, help="random horizontal flips (off for digits)"),
     },
     "calibration": {
-        "sigmas": Key(list, [0.25, 0.5, 1.0], item_type=float, help="the cascade's scales"),
+        "sigmas": Key(list, [0.25, 0.5, 1.0], item_type=float, check=ascending_scales,
+                      help="the cascade's scales"),
         "sigma_weights": Key(list, None, nullable=True, item_type=float,
                              help="sampling weight per scale; null = uniform"),
         "draws": Key(int, 4, min=1, help="M: noise draws per image"),
@@ -66,11 +69,6 @@ def check_finetune(cfg: dict) -> dict:
     """Checks across keys that the schema cannot express; returns cfg unchanged."""
     cal = cfg["calibration"]
     sigmas = cal["sigmas"]
-    if not sigmas or any(s <= 0 for s in sigmas) or sorted(set(sigmas)) != sigmas:
-        raise UserError(
-            f"config key calibration.sigmas: expected distinct ascending positive values, "
-            f"got {sigmas}"
-        )
     weights = cal["sigma_weights"]
     if weights is not None:
         if len(weights) != len(sigmas):
@@ -87,8 +85,8 @@ def check_finetune(cfg: dict) -> dict:
 
 
 def load_finetune_config(path, overrides=()) -> dict:
-    """load_config(kind="finetune") plus check_finetune."""
-    return check_finetune(load_config(path, list(overrides), kind="finetune"))
+    """A fine-tuning config: schema defaults -> YAML -> overrides, then cross-key checks."""
+    return check_finetune(load_config(path, list(overrides), FINETUNE_SCHEMA))
 
 
 def per_device_batch(cfg: dict, world_size: int) -> int:

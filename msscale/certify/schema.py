@@ -1,0 +1,53 @@
+"""The certification config: its keys, defaults and checks (docs/design.md §4)."""
+
+from __future__ import annotations
+
+import os
+
+from msscale.cluster import SLURM
+from msscale.config import Key, ascending_scales, load_config
+from msscale.models.schema import CLASSIFIER
+
+CERTIFY_SCHEMA = {
+    "seed": Key(int, 0, min=0),
+    "out": Key(str, "runs/certify"),
+    "device": Key(str, "auto", choices=("auto", "cpu", "cuda")),
+    "precision": Key(
+        str, "fp32", choices=("fp32", "bf16"), help="bf16: autocast (GPUs, CPUs with AVX512-BF16)"
+    ),
+    "channels_last": Key(bool, True, help="run the models in channels_last memory format"),
+    "compile": Key(bool, False, help="torch.compile the models (slow start, faster sampling)"),
+    "denoiser": {"path": Key(str)},
+    "classifier": CLASSIFIER,
+    "data": {
+        "shards": Key(str, help="brace-expanded WebDataset URL or a dataset.json"),
+        "skip": Key(int, 1, min=1, help="certify every skip-th image"),
+        "max_images": Key(int, None, nullable=True, min=1),
+    },
+    "smoothing": {
+        "sigmas": Key(list, [0.25, 0.5, 1.0], item_type=float, check=ascending_scales),
+        "n0": Key(int, 100, min=1),
+        "n": Key(int, 10000, min=1),
+        "alpha": Key(float, 0.001, min=1e-12, max=0.5),
+        "p0": Key(float, 0.5, min=0.5, max=0.999999),
+        "schedule": Key(str, "full", choices=("full", "cascade")),
+        "batch_size": Key(int, 256, min=1),
+        "noise_block": Key(int, 1000, min=1, help="draws per counter-based noise block"),
+        "flush_every": Key(int, 16, min=1, help="images between progress flushes"),
+    },
+    "bench": {
+        "images": Key(int, 4, min=1, help="images timed"),
+        "warmup": Key(int, 1, min=0, help="images run first, not timed"),
+        "rounds": Key(int, 3, min=1, help="timed repetitions; figures are their median"),
+        "inputs": Key(str, "data", choices=("data", "random"), help="data.shards or noise"),
+        "random_denoiser": Key(
+            dict, None, nullable=True, help="UNet2DModel config: random weights at denoiser.path"
+        ),
+    },
+    "slurm": SLURM,
+}
+
+
+def load_certify_config(path: str | os.PathLike | None, overrides=()) -> dict:
+    """A certify config: schema defaults -> YAML file -> `key.sub=value` overrides."""
+    return load_config(path, list(overrides), CERTIFY_SCHEMA)
