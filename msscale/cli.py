@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from msscale.errors import UserError
+from msscale.errors import UserError, run_command
 
 log = logging.getLogger("msscale")
 
@@ -204,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("finetune", help="calibration fine-tuning in this process (or torchrun's)")
-    _add_cfg(p)
+    from msscale.finetune.job import finetune_arguments
+
+    p = sub.add_parser("finetune", parents=[finetune_arguments()],
+                       help="calibration fine-tuning in this process (or torchrun's)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="the whole method on scikit-learn's digits, on this machine")
@@ -217,23 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: the package's assets/demo")
     p.set_defaults(func=cmd_train_demo_models)
     return parser
-
-
-def run_command(name: str, call, verbose: bool = False) -> int:
-    """Run `call()` as a command: logging set up, bad input -> one line on stderr and exit 2."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        call()
-    except UserError as err:
-        sys.stderr.write(f"{name}: error: {err}\n")
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

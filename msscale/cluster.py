@@ -1,8 +1,10 @@
-"""submitit executors: Slurm, or this machine (`local`, `debug`), from a config's slurm section."""
+"""submitit executors: Slurm or this machine (`local`, `debug`), and the choice between them."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 from msscale.config import Key
@@ -10,7 +12,7 @@ from msscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CLUSTERS = ("slurm", "local", "debug")
+CLUSTERS = ("auto", "slurm", "local", "debug")
 
 # The `slurm` section of every job config.
 SLURM = {
@@ -23,6 +25,31 @@ SLURM = {
     "time_min": Key(int, 60, min=1),
     "array_parallelism": Key(int, 256, min=1),
 }
+
+
+def resolve_cluster(choice: str) -> str:
+    """`auto` -> `slurm` when a Slurm controller answers, else `local`; says which in the log."""
+    if choice not in CLUSTERS:
+        raise UserError(f"--cluster {choice!r} is not one of {list(CLUSTERS)}")
+    if choice != "auto":
+        return choice
+    if slurm_answers():
+        log.info("--cluster auto: a Slurm controller answers (scontrol ping): using Slurm")
+        return "slurm"
+    log.info("--cluster auto: no Slurm controller answers: running on this machine (local)")
+    return "local"
+
+
+def slurm_answers(timeout_s: float = 15.0) -> bool:
+    """True when sbatch is installed and `scontrol ping` reports a controller UP."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return False
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return ping.returncode == 0 and " is UP" in ping.stdout
 
 
 def make_executor(
@@ -42,8 +69,7 @@ def make_executor(
     """
     import submitit
 
-    if cluster not in CLUSTERS:
-        raise UserError(f"--cluster {cluster!r} is not one of {list(CLUSTERS)}")
+    cluster = resolve_cluster(cluster)
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params = {
         "name": name,

@@ -44,8 +44,9 @@ import yaml
 from helpers import write_certify_yaml
 
 from msscale.certify.counts import load_counts, save_counts
+from msscale.certify.plan import progress_path, shard_path
 from msscale.certify.schema import load_certify_config
-from msscale.certify.shard import progress_path, run_shard, shard_path
+from msscale.certify.shard import run_shard
 from msscale.cli import main as msscale_main
 
 ROOT = Path(__file__).resolve().parents[1]

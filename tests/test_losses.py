@@ -67,7 +67,7 @@ def _tiny_models(seed: int = 0):
 def _forward(unet, classifier, lambda_dm: float, seed: int = 3):
     from diffusers import DDPMScheduler
 
-    from msscale.finetune.loop import Scales, calibration_forward
+    from msscale.finetune.objective import Scales, calibration_forward
 
     alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.float()
     cal = {"sigmas": [0.25, 0.5, 1.0], "sigma_weights": None}

@@ -5,10 +5,11 @@ import pytest
 import torch
 from helpers import certify_config
 
-from msscale.certify.shard import ShardSampler, plan_shard
+from msscale.certify.plan import plan_shard
 from msscale.data.dataset import open_dataset
 from msscale.models.loading import build_smoothed_model
 from msscale.smoothing.sampling import ESTIMATE, SELECT, block_sizes, noise_seed
+from msscale.smoothing.schedules import VoteSampler
 
 
 def test_noise_seeds_are_distinct_across_every_counter():
@@ -42,7 +43,7 @@ def _votes(cfg, model, images, index, streams=None, **smoothing):
     cfg = {**cfg, "smoothing": {**cfg["smoothing"], **smoothing}}
     if streams is None:
         streams = plan_shard(cfg, 100, 0, 1, 1)[1]
-    sampler = ShardSampler(cfg, model, streams, torch.device("cpu"))
+    sampler = VoteSampler(cfg, model, streams, torch.device("cpu"))
     select, estimate = sampler.votes(index, torch.stack([images[i] for i in index]))
     return {i: (select[r], estimate[r]) for r, i in enumerate(index)}
 

@@ -24,7 +24,7 @@ from msscale.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs under torchrun: the loop as `python -m msscale.finetune.job` runs it, plus a dump of
-# each rank's final parameters (wrapping msscale.train.finish, which every rank calls).
+# each rank's final parameters (wrapping msscale.finetune.loop.finish, which every rank calls).
 RANK_DUMP_SCRIPT = """
 import json, os, sys
 from pathlib import Path
@@ -40,10 +40,10 @@ if os.environ.get("MSSCALE_TEST_NO_SHM_OP"):
 
 original_finish = train.finish
 
-def finish(accelerator, unet, ema, noise_scheduler, out):
+def finish(accelerator, run, out):
     rank = accelerator.process_index
     state = {k: v.detach().float().cpu().contiguous()
-             for k, v in accelerator.unwrap_model(unet).state_dict().items()}
+             for k, v in accelerator.unwrap_model(run.unet).state_dict().items()}
     save_file(state, str(Path(out) / f"rank{rank}.safetensors"))
     plugin = accelerator.state.deepspeed_plugin
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
@@ -51,7 +51,7 @@ def finish(accelerator, unet, ema, noise_scheduler, out):
         "num_processes": accelerator.num_processes,
         "zero_stage": plugin.zero_stage if plugin is not None else None,
     }))
-    return original_finish(accelerator, unet, ema, noise_scheduler, out)
+    return original_finish(accelerator, run, out)
 
 train.finish = finish
 sys.exit(main(sys.argv[1:]))
@@ -307,7 +307,7 @@ def test_deepspeed_json_that_contradicts_the_yaml(assets, tmp_path, capsys, key,
 
 
 def test_deepspeed_json_fills_auto_from_the_yaml():
-    from msscale.finetune.loop import resolve_deepspeed_config
+    from msscale.finetune.accelerator import resolve_deepspeed_config
 
     ds = resolve_deepspeed_config(REPO / "configs" / "deepspeed" / "zero3.json", micro_batch=4,
                                   grad_accum=2, world_size=8, max_grad_norm=1.0,

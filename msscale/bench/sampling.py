@@ -4,7 +4,7 @@ The reference way is how the public implementations sample (Cohen et al.'s core.
 Carlini et al.'s denoised smoothing): one image at a time, the image repeated into a batch,
 noise drawn per batch with torch.randn_like from the global generator, one scale after
 another, selection then estimation, fp32 under torch.no_grad, votes counted in a Python
-loop over the predictions. msscale's way is `ShardSampler.votes`, the very code `msscale
+loop over the predictions. msscale's way is `VoteSampler.votes`, the very code `msscale
 certify` runs: counter-based noise, batches filled across images, scales and streams,
 votes counted on the device, inference_mode, and the config's precision, channels_last
 and compile settings.
@@ -121,7 +121,7 @@ def write_random_denoiser(unet_config: dict, path: str | Path) -> None:
 
 def bench_inputs(cfg: dict, count: int, model) -> tuple[list[int], torch.Tensor, float | None]:
     """(global indices, images [count, 3, H, W], seconds spent reading one image or None)."""
-    from msscale.certify.shard import fit_to_denoiser
+    from msscale.smoothing.schedules import fit_to_denoiser
 
     image_size = model.denoiser.unet.config.sample_size
     if cfg["bench"]["inputs"] == "random":
@@ -225,11 +225,12 @@ def matmul_peak(
 
 
 def _sampler(cfg: dict, model, device: torch.device, schedule: str, num_images: int):
-    from msscale.certify.shard import ShardSampler, plan_shard
+    from msscale.certify.plan import plan_shard
+    from msscale.smoothing.schedules import VoteSampler
 
     cfg = {**cfg, "smoothing": {**cfg["smoothing"], "schedule": schedule}}
     streams = plan_shard(cfg, num_images, 0, 1, 1)[1]
-    return ShardSampler(cfg, model, streams, device)
+    return VoteSampler(cfg, model, streams, device)
 
 
 class Setup:

@@ -13,6 +13,7 @@ submitted again; only the other shards are submitted, and each resumes from its 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -25,8 +26,10 @@ import submitit
 import yaml
 
 from msscale.atomic import atomic_write_text
-from msscale.certify.shard import plan_shard, shard_path
+from msscale.certify.plan import plan_shard, shard_path
+from msscale.cluster import CLUSTERS
 from msscale.errors import UserError
+from msscale.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class ShardTask(submitit.helpers.Checkpointable):
 
         from msscale.certify.shard import run_shard
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        setup_logging()
         threads = os.environ.get("SLURM_CPUS_PER_TASK") or self.cfg["slurm"]["cpus_per_task"]
         torch.set_num_threads(int(threads))
         return str(run_shard(self.cfg, shard_id, num_shards, sample_splits))
@@ -327,7 +330,9 @@ def run_array(cfg: dict, cluster: str, shards: int, sample_splits: int = 1,
     """The whole command: submit what is missing, wait, merge. Returns the merged Counts
     (None with wait=False, which returns as soon as the array is submitted)."""
     from msscale.certify.merge import merge_run
+    from msscale.cluster import resolve_cluster
 
+    cluster = resolve_cluster(cluster)
     if shards < 1 or sample_splits < 1:
         raise UserError("--shards and --sample-splits must be at least 1")
     if not wait and cluster != "slurm":
@@ -347,3 +352,45 @@ def run_array(cfg: dict, cluster: str, shards: int, sample_splits: int = 1,
     counts = merge_run(cfg["out"])
     log.info("merged %d images: %s", len(counts.index), Path(cfg["out"]) / "report.md")
     return counts
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def array_parser() -> argparse.ArgumentParser:
+    """tools/certify_array.py's arguments."""
+    parser = argparse.ArgumentParser(prog="tools/certify_array.py",
+                                     description=run_array.__doc__.splitlines()[0])
+    parser.add_argument("--cfg", help="certify YAML config (default: the embedded digits one)")
+    parser.add_argument("--shards", type=int, required=True,
+                        help="image groups (the array has shards x sample-splits tasks)")
+    parser.add_argument("--sample-splits", type=int, default=1,
+                        help="also split each image group's estimation draws M ways")
+    parser.add_argument("--cluster", default="auto", choices=CLUSTERS,
+                        help="auto (default): Slurm when a controller answers, else local "
+                        "processes; debug: one after another in this process")
+    parser.add_argument("--out", help="run directory (overrides the config's `out`)")
+    parser.add_argument("--array-parallelism", type=int, help="most tasks running at once")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="(slurm) submit and return at once; run again to wait and merge")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. smoothing.n=1000 slurm.partition=gpu")
+    return parser
+
+
+def run_array_command(args: argparse.Namespace):
+    """The parsed command: the config (or the embedded default), then `run_array`."""
+    from msscale.certify.schema import load_certify_config
+
+    cfg_path, overrides = args.cfg, list(args.overrides)
+    if cfg_path is None:
+        from msscale.demo.embedded import certify_default
+
+        cfg_path, defaults = certify_default()
+        log.info("no --cfg: the embedded default, %s", cfg_path)
+        overrides = [*defaults, *overrides]
+    if args.out:
+        overrides.append(f"out={args.out}")
+    cfg = load_certify_config(cfg_path, overrides)
+    return run_array(cfg, args.cluster, args.shards, args.sample_splits,
+                     args.array_parallelism, wait=not args.no_wait)

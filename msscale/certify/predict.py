@@ -40,9 +40,9 @@ def predict_votes(cfg: dict, model, index: list[int], images: torch.Tensor, n: i
 
 def run_predict(cfg: dict, n: int) -> dict:
     """Predict every addressed image; writes <out>/predict.tsv and <out>/predict.json."""
-    from msscale.certify.shard import chunks, fit_to_denoiser
-    from msscale.data.dataset import open_dataset, select_indices
+    from msscale.data.dataset import chunks, open_dataset, select_indices
     from msscale.models.loading import build_smoothed_model, resolve_device
+    from msscale.smoothing.schedules import fit_to_denoiser
 
     out, smoothing = Path(cfg["out"]), cfg["smoothing"]
     dataset = open_dataset(cfg["data"]["shards"])

@@ -342,3 +342,15 @@ def select_indices(count: int, skip: int = 1, max_images: int | None = None) -> 
         raise UserError(f"data.max_images must be non-negative or null, got {max_images}")
     indices = list(range(0, max(count, 0), skip))
     return indices if max_images is None else indices[:max_images]
+
+
+def chunks(items, size: int):
+    """Lists of `size` consecutive items (the last may be shorter)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -39,21 +39,6 @@ SETTINGS = {
 }
 
 
-def demo_certify_sections(assets: Path = ASSETS) -> dict:
-    """Config sections pointing at the demo models."""
-    return {
-        "denoiser": {"path": str(assets / "denoiser")},
-        "classifier": {
-            "name": SETTINGS["classifier"],
-            "checkpoint": str(assets / "classifier.safetensors"),
-            "num_classes": 10,
-            "input_size": SETTINGS["classifier_input_size"],
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-        },
-    }
-
-
 def _digits(split: str, workdir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from msscale.data.dataset import open_dataset
     from msscale.data.shards import make_shards

@@ -16,10 +16,9 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
-
 from msscale.atomic import atomic_write_text
-from msscale.demo.models import ASSETS, demo_certify_sections
+from msscale.demo.embedded import CONFIGS, ensure_digits, model_overrides
+from msscale.demo.models import ASSETS
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +34,23 @@ ALPHA = 0.001
 
 
 def _certify_config(out: Path, data: Path, denoiser: Path, preset: dict, schedule: str) -> dict:
+    """The embedded certify config at the preset's size, for `denoiser`."""
     from msscale.certify.schema import load_certify_config
 
-    sections = demo_certify_sections()
-    sections["denoiser"]["path"] = str(denoiser)
-    raw = {
-        **sections,
-        "seed": 0,
-        "out": str(out),
-        "data": {"shards": str(data / "dataset.json"), "max_images": preset["images"]},
-        "smoothing": {"sigmas": SIGMAS, "n0": preset["n0"], "n": preset["n"], "alpha": ALPHA,
-                      "p0": 0.5, "schedule": schedule, "batch_size": 400, "noise_block": 100},
-        "slurm": {"cpus_per_task": 1},
-    }
-    path = out.with_suffix(".yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return load_certify_config(path)
+    return load_certify_config(CONFIGS / "certify_digits.yaml", [
+        *model_overrides(), f"denoiser.path={denoiser}", f"out={out}",
+        f"data.shards={data / 'dataset.json'}", f"data.max_images={preset['images']}",
+        f"smoothing.sigmas={SIGMAS}", f"smoothing.n0={preset['n0']}",
+        f"smoothing.n={preset['n']}", f"smoothing.alpha={ALPHA}", "smoothing.p0=0.5",
+        f"smoothing.schedule={schedule}",
+    ])
 
 
 def _finetune(out: Path, data: Path, preset: dict) -> Path:
     from msscale.finetune.job import submit_finetune
 
-    config = Path(__file__).parents[1] / "configs" / "finetune_digits.yaml"  # editable install
     overrides = [
-        f"out={out}", f"denoiser.path={ASSETS / 'denoiser'}",
+        *model_overrides(), f"out={out}",
         f"data.train_shards={data / 'train' / 'dataset.json'}",
         f"data.val_shards={data / 'test' / 'dataset.json'}",
         f"train.max_steps={preset['finetune_steps']}",
@@ -67,21 +58,19 @@ def _finetune(out: Path, data: Path, preset: dict) -> Path:
         f"train.checkpoint_every={preset['finetune_steps']}",
         f"train.eval_every={preset['finetune_steps']}",
     ]
-    return submit_finetune(config, overrides, nodes=1, cluster="local")
+    return submit_finetune(CONFIGS / "finetune_digits.yaml", overrides, nodes=1, cluster="local")
 
 
 def run_demo(out: str | Path, quick: bool = False) -> dict:
     """The five methods of the demo; returns the summary written to out/summary.json."""
     from msscale.certify.array import run_array
     from msscale.certify.report import methods_of, summarize_methods, write_comparison
-    from msscale.data.shards import make_shards
 
     started = time.time()
     out, preset = Path(out), PRESETS["quick" if quick else "full"]
     data = out / "data"
     for split in ("train", "test"):
-        if not (data / split / "dataset.json").is_file():
-            make_shards("digits", data / split, split=split, image_size=16)
+        ensure_digits(split, data / split)
     log.info("step 1/3: calibration fine-tuning (%d steps)", preset["finetune_steps"])
     finetuned = _finetune(out / "finetune", data, preset)
     log.info("step 2/3: certification with the pretrained UNet (full schedule)")

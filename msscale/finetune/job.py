@@ -20,7 +20,9 @@ import subprocess
 import zlib
 from pathlib import Path
 
-from msscale.errors import UserError
+from msscale.cluster import CLUSTERS
+from msscale.errors import UserError, run_command
+from msscale.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class FinetuneJob:
 
         from msscale.finetune.loop import train
 
-        _setup_logging()
+        setup_logging()
         env = distributed_env(submitit.JobEnvironment())
         os.environ.update(env)
         log.info("task %s of %s, master %s:%s", env["RANK"], env["WORLD_SIZE"],
@@ -94,24 +96,17 @@ class FinetuneJob:
         """Called by submitit on preemption or timeout: requeue the same job."""
         import submitit
 
-        from msscale.finetune.loop import latest_checkpoint
+        from msscale.finetune.checkpoints import latest_checkpoint
 
         log.info("requeueing; the job resumes from %s", latest_checkpoint(self.cfg["out"]))
         return submitit.helpers.DelayedSubmission(FinetuneJob(self.cfg))
-
-
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
 
 
 def _resolved_config(cfg_path, overrides) -> dict:
     from msscale.config import save_config
     from msscale.finetune.schema import load_finetune_config
 
-    cfg = load_finetune_config(cfg_path, overrides)
+    cfg = load_finetune_config(*config_or_default(cfg_path, overrides))
     if os.environ.get("RANK", "0") == "0":
         save_config(cfg, Path(cfg["out"]) / "config.yaml")
     return cfg
@@ -130,7 +125,7 @@ def submit_finetune(
     *,
     nodes: int = 1,
     gpus_per_node: int | None = None,
-    cluster: str = "slurm",
+    cluster: str = "auto",
     partition: str | None = None,
     wait: bool = True,
 ):
@@ -140,10 +135,12 @@ def submit_finetune(
     task per node without GPUs. `local` runs the nodes x tasks as processes on this
     machine; `debug` runs one process in this one.
     """
-    from msscale.cluster import make_executor
+    from msscale.cluster import make_executor, resolve_cluster
     from msscale.config import save_config
     from msscale.finetune.schema import load_finetune_config
 
+    cluster = resolve_cluster(cluster)
+    cfg_path, overrides = config_or_default(cfg_path, overrides)
     if nodes < 1:
         raise UserError(f"--nodes must be at least 1, got {nodes}")
     cfg = load_finetune_config(cfg_path, overrides)
@@ -177,9 +174,38 @@ def submit_finetune(
 # ---------------------------------------------------------------------------------------
 
 
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cfg", required=True, help="finetune YAML config")
+def finetune_arguments() -> argparse.ArgumentParser:
+    """The trainer's arguments, as a parent parser: `msscale finetune`, `python -m
+    msscale.finetune.job` and tools/submit.py (which adds only the launcher's) share them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--cfg", help="finetune YAML config (default: the embedded digits one)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser
+
+
+def submit_parser() -> argparse.ArgumentParser:
+    """tools/submit.py: the trainer's arguments plus nodes, GPUs, cluster and partition."""
+    parser = argparse.ArgumentParser(prog="tools/submit.py", parents=[finetune_arguments()],
+                                     description=submit_finetune.__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int,
+                        help="GPUs (= tasks) per node; default: the config's slurm.gpus_per_node")
+    parser.add_argument("--cluster", default="auto", choices=CLUSTERS,
+                        help="auto (default): Slurm when a controller answers, else local")
+    parser.add_argument("--partition", help="Slurm partition (overrides slurm.partition)")
+    parser.add_argument("--no-wait", action="store_true", help="submit and return at once")
+    return parser
+
+
+def config_or_default(cfg_path, overrides) -> tuple:
+    """(cfg_path, overrides), or the embedded digits config when no path is given."""
+    if cfg_path is not None:
+        return cfg_path, list(overrides)
+    from msscale.demo.embedded import finetune_default
+
+    default_path, defaults = finetune_default()
+    log.info("no --cfg: the embedded default, %s", default_path)
+    return default_path, [*defaults, *overrides]
 
 
 def cmd_finetune(args) -> None:
@@ -189,19 +215,11 @@ def cmd_finetune(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     parser = argparse.ArgumentParser(prog="python -m msscale.finetune.job",
+                                     parents=[finetune_arguments()],
                                      description=cmd_finetune.__doc__)
-    add_finetune_arguments(parser)
     args = parser.parse_args(argv)
-    _setup_logging()
-    try:
-        cmd_finetune(args)
-    except UserError as err:
-        sys.stderr.write(f"msscale finetune: error: {err}\n")
-        return 2
-    return 0
+    return run_command("msscale finetune", lambda: cmd_finetune(args))
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def prepare_for_inference(model: DenoiseAndClassify, cfg: dict) -> DenoiseAndCla
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if cfg["compile"]:
-        model.compile(dynamic=False)  # ShardSampler pads the last batch: one shape only
+        model.compile(dynamic=False)  # VoteSampler pads the last batch: one shape only
     return model
 
 

@@ -48,6 +48,19 @@ def x0_from_model_output(
     raise UserError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
+def model_input(noisy: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar) (2 noisy - 1): a pixel-scale noisy image as the UNet's input at t*."""
+    return abar.sqrt() * (2 * noisy - 1)
+
+
+def denoised_image(
+    output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The one-shot estimate of the clean image in [0,1] from the UNet's output at x_t."""
+    x0 = x0_from_model_output(output, x_t, abar, prediction_type)
+    return (x0.clamp(-1, 1) + 1) / 2
+
+
 class OneShotDenoiser(nn.Module):
     """D_sigma: noisy image in pixel scale -> denoised image in [0,1], one UNet pass.
 
@@ -68,10 +81,8 @@ class OneShotDenoiser(nn.Module):
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """noisy = x + sigma*delta (pixel scale), timesteps [B] from `timestep(sigma)`."""
         abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(noisy.dtype)
-        x_t = abar.sqrt() * (2 * noisy - 1)
-        output = self.unet(x_t, timesteps).sample
-        x0 = x0_from_model_output(output, x_t, abar, self.prediction_type)
-        return (x0.clamp(-1, 1) + 1) / 2
+        x_t = model_input(noisy, abar)
+        return denoised_image(self.unet(x_t, timesteps).sample, x_t, abar, self.prediction_type)
 
 
 class Classifier(nn.Module):

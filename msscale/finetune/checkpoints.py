@@ -1,0 +1,147 @@
+"""Checkpoints of the fine-tuning run (docs/design.md §3.6): save, rotate, resume, export.
+
+A checkpoint is written into a temporary directory by every process, renamed into place by
+the main process, and only then named in `checkpoints/latest`, so `latest` always names a
+whole checkpoint. `final/` (the EMA UNet + scheduler/) is a certify config's denoiser.path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from msscale.atomic import atomic_write_text
+from msscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"  # the one name the loop and the launcher agree on (see latest_checkpoint)
+FINAL = "final"
+TRAINER_STATE = "trainer_state.json"
+
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The checkpoint `<out>/checkpoints/latest` names, or None before the first one."""
+    pointer = Path(out) / CHECKPOINTS / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / TRAINER_STATE).is_file():
+        raise UserError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+@dataclass
+class TrainerState:
+    """What the loop itself needs back on resume (Accelerate restores the rest)."""
+
+    step: int = 0  # optimizer steps taken
+    nan_skipped: int = 0  # steps skipped for a non-finite loss
+
+
+def param_digest(model) -> str:
+    """A short fingerprint of a model's parameters (sum and sum of squares, float64)."""
+    total = squares = 0.0
+    for param in model.parameters():
+        values = param.detach().double()
+        total += float(values.sum())
+        squares += float((values**2).sum())
+    return f"{total:.10e}/{squares:.10e}"
+
+
+def register_hooks(accelerator, ema, zero3: bool) -> None:
+    """save_state writes unet/ and unet_ema/ with save_pretrained; load_state reads them.
+
+    Every rank runs the hooks (save_state must be called on every rank: under DeepSpeed it
+    is a collective); only the main process writes files. Under DeepSpeed the engine saves
+    and loads its own weights and passes no models to the load hook.
+    """
+    from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            if not zero3:  # ZeRO-3 weights are partitioned; its engine checkpoint holds them
+                for model in models:
+                    accelerator.unwrap_model(model).save_pretrained(
+                        os.path.join(output_dir, "unet"))
+        while weights:  # saved above: keep Accelerate from writing them a second time
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(accelerator.device)
+        while models:  # DDP / one process: the weights come from unet/
+            model = models.pop()
+            weights = UNet2DModel.from_pretrained(os.path.join(input_dir, "unet"))
+            accelerator.unwrap_model(model).load_state_dict(weights.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, out: Path, state: TrainerState, total_limit: int) -> Path:
+    """Save into a temporary directory on every rank, then rename, point latest, rotate."""
+    root = out / CHECKPOINTS
+    final = root / step_name(state.step)
+    tmp = root / f".tmp-{step_name(state.step)}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank has written its part
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(asdict(state)) + "\n")
+        if final.exists():  # left by a run that died before updating latest
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        _rotate(root, keep=total_limit, current=final.name)
+        log.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _rotate(root: Path, keep: int, current: str) -> None:
+    """Delete the oldest step-* checkpoints beyond `keep` (never the current one)."""
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != current)
+    for old in done[: max(len(done) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partial(accelerator, out: Path) -> None:
+    """Remove checkpoints a killed run left half-written."""
+    if accelerator.is_main_process:
+        for tmp in (out / CHECKPOINTS).glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
+    """The EMA UNet + scheduler/ under <out>/final (via a temporary directory and rename)."""
+    from diffusers import UNet2DModel
+
+    from msscale.models.loading import save_denoiser
+
+    model = UNet2DModel.from_config(unet_config)
+    ema.copy_to(model.parameters())
+    final, tmp = out / FINAL, out / f".{FINAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_denoiser(model.float(), noise_scheduler, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    log.info("exported the EMA UNet to %s", final)
+    return final

@@ -1,0 +1,91 @@
+"""The sampling schedules (docs/design.md §2): which (image, scale) pairs get draws.
+
+`full` draws every scale for every image; `cascade` starts at the largest scale and draws
+a smaller one only for the images whose cascade defers. Either way the draws are the
+counter-based ones of sampling.py, so an image's votes never depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from msscale.smoothing.sampling import ESTIMATE, NUM_STREAMS, SELECT, count_votes, plan_blocks
+from msscale.smoothing.stats import clopper_pearson_upper
+
+
+def fit_to_denoiser(images: torch.Tensor, model) -> torch.Tensor:
+    """Resize images [B,3,H,W] to the UNet's sample size, if it has one and they differ."""
+    size = model.denoiser.unet.config.sample_size
+    if size is None:
+        return images
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(images.shape[-2:]) == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
+
+
+class VoteSampler:
+    """Draws a chunk of images' votes under the `full` or `cascade` schedule."""
+
+    def __init__(self, cfg: dict, model, streams: dict, device: torch.device):
+        smoothing = cfg["smoothing"]
+        self.model, self.streams, self.device = model, streams, device
+        self.seed = cfg["seed"]
+        self.sigmas = smoothing["sigmas"]
+        self.schedule, self.alpha, self.p0 = (
+            smoothing["schedule"],
+            smoothing["alpha"],
+            smoothing["p0"],
+        )
+        self.batch_size, self.noise_block = smoothing["batch_size"], smoothing["noise_block"]
+        self.n_draws = {SELECT: smoothing["n0"], ESTIMATE: smoothing["n"]}
+        self.num_classes = cfg["classifier"]["num_classes"]
+        self.timesteps = [model.denoiser.timestep(s) for s in self.sigmas]
+        self.autocast = torch.bfloat16 if cfg["precision"] == "bf16" else None
+        self.channels_last, self.fixed_batch = cfg["channels_last"], cfg["compile"]
+
+    def votes(self, index: list[int], images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Selection and estimation votes [I, K, C] for these images (global `index`)."""
+        images = fit_to_denoiser(images.to(self.device), self.model)
+        scales = list(range(len(self.sigmas)))
+        if self.schedule == "full":
+            votes = self._count(list(enumerate(index)), scales, images)
+        else:
+            votes = self._cascade(index, images)
+        return votes[:, :, SELECT], votes[:, :, ESTIMATE]
+
+    def _count(self, rows, scales, images) -> np.ndarray:
+        blocks = plan_blocks(rows, scales, self.streams, self.n_draws, self.noise_block)
+        return count_votes(
+            self.model,
+            images,
+            blocks,
+            self.sigmas,
+            self.timesteps,
+            self.num_classes,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            autocast_dtype=self.autocast,
+            channels_last=self.channels_last,
+            fixed_batch=self.fixed_batch,
+        )
+
+    def _cascade(self, index, images) -> np.ndarray:
+        """Largest scale first; a smaller scale only for images whose cascade defers."""
+        votes = np.zeros((len(index), len(self.sigmas), NUM_STREAMS, self.num_classes), np.int64)
+        active = list(range(len(index)))
+        for stage, scale in enumerate(reversed(range(len(self.sigmas)))):
+            if not active:
+                break
+            rows = [(r, index[r]) for r in active]
+            votes += self._count(rows, [scale], images)
+            active = [r for r in active if self._defers(votes[r, scale], stage)]
+        return votes
+
+    def _defers(self, votes_at_scale: np.ndarray, stage: int) -> bool:
+        """The cascade moves on iff the top class is confidently below p0 (docs/design.md §1.2)."""
+        c_hat = int(np.argmax(votes_at_scale[SELECT]))
+        estimate = votes_at_scale[ESTIMATE]
+        upper = clopper_pearson_upper(estimate[c_hat], estimate.sum(), self.alpha / (stage + 1))
+        return bool(upper < self.p0)
