@@ -196,7 +196,7 @@ def test_corrupt_shard(assets, tmp_path, capsys):
 
 
 def test_recertify_agrees_with_an_independent_implementation(tmp_path):
-    """`msscale recertify` on random count tables vs the reference written from DESIGN.md."""
+    """`msscale recertify` on random count tables vs the reference of docs/design.md §1.2."""
     from test_stats import random_case, ref_cascade
 
     from msscale.certify.counts import Counts, save_counts

@@ -1,4 +1,4 @@
-"""sigma -> timestep and one-shot x0 recovery (DESIGN.md §1)."""
+"""sigma -> timestep and one-shot x0 recovery (docs/design.md §1.1)."""
 
 import json
 import math

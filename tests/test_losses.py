@@ -1,4 +1,4 @@
-"""The calibration objective (DESIGN.md §1) on hand-made numbers, and where its gradients go."""
+"""The calibration objective (docs/design.md §1.4) on hand-made numbers; where gradients go."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Expected values come from ground truth (a linear classifier whose smoothed probabilities and
 robust radius are known in closed form), from formulas written out in the test, or from an
-independent reference implementation of DESIGN.md section 1 written below from the text alone.
+independent reference implementation of docs/design.md §1.2 written below from the text alone.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from msscale.smoothing.stats import (
 )
 
 # ============================================================================================
-# Independent reference (written from DESIGN.md section 1, not from msscale/stats.py)
+# Independent reference (written from docs/design.md §1.2, not from msscale/smoothing/stats.py)
 # ============================================================================================
 
 
@@ -100,7 +100,7 @@ def ref_pb_high(counts, c_hat: int, a: float) -> tuple[float, str]:
 
 
 def ref_cascade(select, estimate, sigmas, alpha, p0):
-    """The cascade, step by step as DESIGN.md words it. Returns (pred, radius, stage, why)."""
+    """The cascade step by step as docs/design.md §1.2 words it: (pred, radius, stage, why)."""
     num = len(sigmas)
     for s in range(num):
         k = num - 1 - s

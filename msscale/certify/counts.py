@@ -1,4 +1,4 @@
-"""Counts files (DESIGN.md §3): per-scale selection and estimation votes, written atomically."""
+"""Counts files (docs/design.md §3.2): per-scale selection and estimation votes, atomic."""
 
 from __future__ import annotations
 

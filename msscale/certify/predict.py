@@ -1,4 +1,4 @@
-"""`msscale predict`: the cascade's prediction without a certificate (DESIGN.md §1).
+"""`msscale predict`: the cascade's prediction without a certificate (docs/design.md §1.3).
 
 For clean-accuracy and distribution-shift evaluations: a small number of draws per scale
 (`--n`, e.g. 200), the plain threshold rule (from the largest scale down, the first scale

@@ -53,7 +53,7 @@ def select_scales(counts: Counts, sigmas: list[float] | None) -> list[int]:
 
 
 def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Certificates:
-    """The cascade certificate (DESIGN.md §1) over `sigmas` (default: all) from counts alone."""
+    """The cascade certificate (docs/design.md §1.2) over `sigmas` (default: all), from counts."""
     columns = select_scales(counts, sigmas)
     predict, radius, stage = certify_table(
         counts.select[:, columns], counts.estimate[:, columns], counts.sigmas[columns], alpha, p0
@@ -70,7 +70,7 @@ def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Cert
 
 
 def write_tsv(certs: Certificates, path: str | Path) -> None:
-    """certify.tsv: idx label predict radius correct stage sigma (DESIGN.md §3)."""
+    """certify.tsv: idx label predict radius correct stage sigma (docs/design.md §3.3)."""
     lines = [TSV_HEADER]
     for i in range(len(certs.index)):
         stage = int(certs.stage[i])

@@ -58,7 +58,7 @@ def resolve_deepspeed_config(
 
     Batch sizes, accumulation, clipping and precision come from the YAML: "auto" or absent
     values are filled in; explicit values that differ are a UserError. The optimizer and LR
-    schedule are built in msscale/train.py, so a JSON that defines its own is refused.
+    schedule are built in msscale/finetune/loop.py, so a JSON that defines its own is refused.
     Filling every value ourselves is also what makes Accelerate + DeepSpeed run on CPUs
     (its own "auto" filling sized the batch for one process there).
     """

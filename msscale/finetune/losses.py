@@ -1,4 +1,4 @@
-"""The calibration objective of DESIGN.md §1 "Diffusion calibration".
+"""The calibration objective of docs/design.md §1.4.
 
 For an image x with label y at a scale sigma, and M noise draws with class probabilities
 p_m = softmax(F(D_sigma(x + sigma*delta_m))):
@@ -78,7 +78,7 @@ def calibration_loss(
     lambda_ac: float,
     lambda_dm: float,
 ) -> CalibrationLoss:
-    """L of DESIGN.md §1 from classifier logits [M, B, C], labels [B] and L_diffusion (scalar).
+    """L of docs/design.md §1.4 from classifier logits [M, B, C], labels [B] and L_diffusion.
 
     Softmax runs in float32 so that bf16 logits give the same probabilities.
     """

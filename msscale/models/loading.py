@@ -104,7 +104,7 @@ def _head_classes(model, state: dict) -> int | None:
 
 
 def build_classifier(cfg: dict) -> Classifier:
-    """A timm classifier from the config's `classifier` section (see DESIGN.md §3)."""
+    """A timm classifier from the config's `classifier` section (docs/design.md §4)."""
     import timm
 
     try:

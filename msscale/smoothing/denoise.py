@@ -1,4 +1,4 @@
-"""One-shot diffusion denoising (DESIGN.md §1): sigma -> timestep, x_t, one UNet pass, x0.
+"""One-shot diffusion denoising (docs/design.md §1.1): sigma -> timestep, x_t, one UNet pass, x0.
 
 Images live in [0,1]; the diffusion model works in [-1,1], where pixel noise of std sigma
 becomes noise of std 2*sigma. A noisy image y = 2(x + sigma*delta) - 1 scaled by

@@ -1,4 +1,4 @@
-"""Counter-based noise and vote counting (DESIGN.md §3, "Noise and shards").
+"""Counter-based noise and vote counting (docs/design.md §2).
 
 The draws of one image at one scale and one stream are cut into blocks of `noise_block`
 draws. Block b's noise comes from a generator seeded from (seed, image index, scale index,

@@ -1,6 +1,6 @@
 """Statistics of randomized smoothing: confidence bounds, single-scale and cascade certificates.
 
-Everything here is a pure function of vote counts (DESIGN.md section 1), so a certificate can
+Everything here is a pure function of vote counts (docs/design.md §1.2), so a certificate can
 be recomputed offline for another alpha, p0 or subset of scales without drawing new samples.
 
 Conventions:
@@ -175,7 +175,7 @@ def _normal_quantile(p: float) -> float:
 
 
 def off_class_bins(estimate_counts, c_hat: int) -> np.ndarray:
-    """The bins of the off-class bound (DESIGN.md section 1); bin 0 is c_hat's count.
+    """The bins of the off-class bound (docs/design.md §1.2); bin 0 is c_hat's count.
 
     The other classes are sorted by count, descending (ties by class index); a class with at
     least 5 draws is its own bin, smaller ones accumulate into a pool that becomes a bin once
@@ -218,7 +218,7 @@ def _check_class_index(c_hat, num_classes: int) -> int:
 def off_class_upper_bound(estimate_counts, c_hat: int, alpha_s: float) -> float:
     """pB_high: a simultaneous upper bound, at alpha_s, on max over c != c_hat of P[c].
 
-    Exactly DESIGN.md section 1: with the bins of ``off_class_bins`` (bin 0 = c_hat), if there
+    Exactly docs/design.md §1.2: with the bins of ``off_class_bins`` (bin 0 = c_hat), if there
     are at least 3 bins, the largest upper end over the bins other than c_hat of Goodman's
     simultaneous intervals at level 2*alpha_s; otherwise the one-sided alpha_s Clopper-Pearson
     upper bound of (n - n_chat) out of n. A bin is a union of classes, so its bound also bounds
@@ -360,7 +360,7 @@ def _cascade(select: np.ndarray, estimate: np.ndarray, sigmas: np.ndarray, alpha
 
 def cascade_certify(select, estimate, sigmas, alpha: float, p0: float = 0.5
                     ) -> tuple[int, float, int]:
-    """The multi-scale cascade certificate of DESIGN.md section 1 for one image.
+    """The multi-scale cascade certificate of docs/design.md §1.2 for one image.
 
     select, estimate: [K, C] vote counts per scale; sigmas: [K], strictly ascending. Stages run
     from the largest sigma down; stage s uses alpha_s = alpha / (s + 1). Returns
