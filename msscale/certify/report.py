@@ -55,9 +55,13 @@ def select_scales(counts: Counts, sigmas: list[float] | None) -> list[int]:
 def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Certificates:
     """The cascade certificate (docs/design.md §1.2) over `sigmas` (default: all), from counts."""
     columns = select_scales(counts, sigmas)
-    predict, radius, stage = certify_table(
-        counts.select[:, columns], counts.estimate[:, columns], counts.sigmas[columns], alpha, p0
-    )
+    try:  # the statistics check their arguments; here those come from a user
+        predict, radius, stage = certify_table(
+            counts.select[:, columns], counts.estimate[:, columns], counts.sigmas[columns],
+            alpha, p0,
+        )
+    except ValueError as err:
+        raise UserError(f"cannot certify these counts: {err}") from None
     full_stage = np.where(stage >= 0, np.asarray(columns)[np.maximum(stage, 0)], -1)
     return Certificates(
         counts.index,

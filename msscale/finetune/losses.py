@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from msscale.smoothing.denoise import PREDICTION_TYPES
+
 
 def recoverable(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B] float 0/1: whether the mean of the M draws' probabilities ranks y first."""
@@ -56,7 +58,7 @@ def diffusion_target(
         return abar.sqrt() * noise - (1 - abar).sqrt() * x0
     if prediction_type == "sample":
         return x0
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
 @dataclass

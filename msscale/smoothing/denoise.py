@@ -45,7 +45,7 @@ def x0_from_model_output(
         return sqrt_abar * x_t - sqrt_one_minus * output
     if prediction_type == "sample":
         return output
-    raise UserError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
 def model_input(noisy: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,6 @@ import numpy as np
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
-from msscale.errors import UserError
-
 ABSTAIN = -1
 # A class needs at least this many draws to be its own bin in the off-class bound (the usual
 # validity condition of Goodman's chi-square approximation).
@@ -36,61 +34,61 @@ MIN_BIN_COUNT = 5
 
 
 def _check_alpha(alpha, name: str = "alpha", upper: float = 0.5) -> float:
-    """Return alpha as a float, or raise UserError unless 0 < alpha < upper."""
+    """Return alpha as a float, or raise ValueError unless 0 < alpha < upper."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise UserError(f"{name} must be a number in (0, {upper}), got {alpha!r}")
+        raise ValueError(f"{name} must be a number in (0, {upper}), got {alpha!r}")
     alpha = float(alpha)
     if not 0.0 < alpha < upper:
-        raise UserError(f"{name} must be in (0, {upper}), got {alpha!r}")
+        raise ValueError(f"{name} must be in (0, {upper}), got {alpha!r}")
     return alpha
 
 
 def _check_p0(p0) -> float:
-    """Return p0 as a float, or raise UserError unless 1/2 <= p0 < 1."""
+    """Return p0 as a float, or raise ValueError unless 1/2 <= p0 < 1."""
     if isinstance(p0, bool) or not isinstance(p0, numbers.Real):
-        raise UserError(f"p0 must be a number in [0.5, 1), got {p0!r}")
+        raise ValueError(f"p0 must be a number in [0.5, 1), got {p0!r}")
     p0 = float(p0)
     if not 0.5 <= p0 < 1.0:
-        raise UserError(f"p0 must be in [0.5, 1), got {p0!r}")
+        raise ValueError(f"p0 must be in [0.5, 1), got {p0!r}")
     return p0
 
 
 def _check_sigma(sigma, name: str = "sigma") -> float:
-    """Return a noise scale as a float, or raise UserError unless it is finite and > 0."""
+    """Return a noise scale as a float, or raise ValueError unless it is finite and > 0."""
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-        raise UserError(f"{name} must be a positive number, got {sigma!r}")
+        raise ValueError(f"{name} must be a positive number, got {sigma!r}")
     sigma = float(sigma)
     if not (math.isfinite(sigma) and sigma > 0.0):
-        raise UserError(f"{name} must be a finite positive number, got {sigma!r}")
+        raise ValueError(f"{name} must be a finite positive number, got {sigma!r}")
     return sigma
 
 
 def _as_counts(x, name: str, ndim: int | None = None) -> np.ndarray:
-    """Return x as an int64 array of non-negative integer counts, or raise UserError."""
+    """Return x as an int64 array of non-negative integer counts, or raise ValueError."""
     try:
         arr = np.asarray(x)
     except (TypeError, ValueError) as err:
-        raise UserError(f"{name} must be an array of counts: {err}") from err
+        raise ValueError(f"{name} must be an array of counts: {err}") from err
     if ndim is not None and arr.ndim != ndim:
-        raise UserError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
     if arr.dtype == bool or not (
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     ):
-        raise UserError(f"{name} must hold integer counts, got dtype {arr.dtype}")
+        raise ValueError(f"{name} must hold integer counts, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating):
         # Floats are accepted only when they are whole numbers (e.g. counts read from a text
         # file); a fractional "count" is a bug upstream and must not be silently truncated.
         if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise UserError(f"{name} must hold whole-number counts")
+            raise ValueError(f"{name} must hold whole-number counts")
     if np.any(arr < 0):
-        raise UserError(f"{name} must hold non-negative counts")
+        raise ValueError(f"{name} must hold non-negative counts")
     return arr.astype(np.int64)
 
 
 def _check_classes(counts: np.ndarray, name: str) -> None:
     """Raise UserError unless the last axis (classes) has at least two entries."""
     if counts.shape[-1] < 2:
-        raise UserError(f"{name} must have at least 2 classes, got shape {counts.shape}")
+        raise ValueError(f"{name} must have at least 2 classes, got shape {counts.shape}")
 
 
 def _check_sigmas(sigmas, num_scales: int) -> np.ndarray:
@@ -98,16 +96,16 @@ def _check_sigmas(sigmas, num_scales: int) -> np.ndarray:
     try:
         arr = np.asarray(sigmas, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise UserError(f"sigmas must be a list of numbers: {err}") from err
+        raise ValueError(f"sigmas must be a list of numbers: {err}") from err
     if arr.ndim != 1 or arr.shape[0] != num_scales:
-        raise UserError(
+        raise ValueError(
             f"sigmas must be a 1-D list of {num_scales} scales (one per row of counts), "
             f"got shape {arr.shape}"
         )
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise UserError(f"sigmas must be finite and positive, got {arr.tolist()}")
+        raise ValueError(f"sigmas must be finite and positive, got {arr.tolist()}")
     if np.any(np.diff(arr) <= 0):
-        raise UserError(f"sigmas must be strictly ascending, got {arr.tolist()}")
+        raise ValueError(f"sigmas must be strictly ascending, got {arr.tolist()}")
     return arr
 
 
@@ -123,11 +121,11 @@ def _binomial_args(k, n) -> tuple[np.ndarray, np.ndarray]:
     try:
         k_arr, n_arr = np.broadcast_arrays(k_arr, n_arr)
     except ValueError as err:
-        raise UserError(f"k and n have incompatible shapes: {err}") from err
+        raise ValueError(f"k and n have incompatible shapes: {err}") from err
     if np.any(n_arr < 1):
-        raise UserError("n (trials) must be at least 1")
+        raise ValueError("n (trials) must be at least 1")
     if np.any(k_arr > n_arr):
-        raise UserError("k (successes) must not exceed n (trials)")
+        raise ValueError("k (successes) must not exceed n (trials)")
     return k_arr, n_arr
 
 
@@ -207,11 +205,11 @@ def off_class_bins(estimate_counts, c_hat: int) -> np.ndarray:
 
 
 def _check_class_index(c_hat, num_classes: int) -> int:
-    """Return c_hat as an int, or raise UserError unless it is a class index."""
+    """Return c_hat as an int, or raise ValueError unless it is a class index."""
     if isinstance(c_hat, bool) or not isinstance(c_hat, numbers.Integral):
-        raise UserError(f"c_hat must be a class index (integer), got {c_hat!r}")
+        raise ValueError(f"c_hat must be a class index (integer), got {c_hat!r}")
     if not 0 <= int(c_hat) < num_classes:
-        raise UserError(f"c_hat must be in [0, {num_classes}), got {c_hat}")
+        raise ValueError(f"c_hat must be in [0, {num_classes}), got {c_hat}")
     return int(c_hat)
 
 
@@ -233,7 +231,7 @@ def off_class_upper_bound(estimate_counts, c_hat: int, alpha_s: float) -> float:
     _check_classes(counts, "estimate_counts")
     n = int(counts.sum())
     if n == 0:
-        raise UserError("estimate_counts are all zero: the off-class bound needs draws")
+        raise ValueError("estimate_counts are all zero: the off-class bound needs draws")
     bins = off_class_bins(counts, c_hat)
     if bins.shape[0] >= 3:
         intervals = multinomial_proportions_confint(bins, alpha=2 * alpha_s, method="goodman")
@@ -266,12 +264,12 @@ def cohen_certify(select_counts, estimate_counts, sigma: float, alpha: float) ->
     estimate = _as_counts(estimate_counts, "estimate_counts", ndim=1)
     _check_classes(select, "select_counts")
     if select.shape != estimate.shape:
-        raise UserError(
+        raise ValueError(
             f"select_counts and estimate_counts must have the same shape, "
             f"got {select.shape} and {estimate.shape}"
         )
     if select.sum() == 0 or estimate.sum() == 0:
-        raise UserError("select_counts and estimate_counts must each have at least one draw")
+        raise ValueError("select_counts and estimate_counts must each have at least one draw")
     c_hat = _top_class(select)
     p_a_low = clopper_pearson_lower(int(estimate[c_hat]), int(estimate.sum()), alpha)
     if p_a_low < 0.5:
@@ -290,7 +288,7 @@ def cohen_predict(counts, alpha: float) -> int:
     counts = _as_counts(counts, "counts", ndim=1)
     _check_classes(counts, "counts")
     if counts.sum() == 0:
-        raise UserError("counts are all zero: PREDICT needs at least one draw")
+        raise ValueError("counts are all zero: PREDICT needs at least one draw")
     order = np.argsort(-counts, kind="stable")
     n_a, n_b = int(counts[order[0]]), int(counts[order[1]])
     p_value = binomtest(n_a, n_a + n_b, 0.5, alternative="two-sided").pvalue
@@ -305,12 +303,12 @@ def cohen_predict(counts, alpha: float) -> int:
 def _check_table(select, estimate) -> tuple[np.ndarray, np.ndarray]:
     """Validate a pair of [..., K, C] count arrays of equal shape."""
     if select.shape != estimate.shape:
-        raise UserError(
+        raise ValueError(
             f"select and estimate must have the same shape, got {select.shape} and "
             f"{estimate.shape}"
         )
     if select.shape[-2] < 1:
-        raise UserError(f"counts must have at least one scale, got shape {select.shape}")
+        raise ValueError(f"counts must have at least one scale, got shape {select.shape}")
     _check_classes(select, "counts")
     return select, estimate
 
@@ -332,7 +330,7 @@ def _cascade(select: np.ndarray, estimate: np.ndarray, sigmas: np.ndarray, alpha
     for s in range(num_scales):
         k = num_scales - 1 - s  # stage s runs the (s+1)-th largest scale
         if select[k].sum() == 0 or estimate[k].sum() == 0:
-            raise UserError(
+            raise ValueError(
                 f"the cascade reached scale index {k} (sigma={sigmas[k]:g}) but its "
                 "selection or estimation counts are all zero: that scale was not sampled"
             )
@@ -388,8 +386,8 @@ def certify_table(select, estimate, sigmas, alpha: float, p0: float = 0.5
     for i in range(num_images):
         try:
             predict[i], radius[i], stage[i] = _cascade(select[i], estimate[i], sigmas, alpha, p0)
-        except UserError as err:
-            raise UserError(f"image at row {i}: {err}") from err
+        except ValueError as err:
+            raise ValueError(f"image at row {i}: {err}") from err
     return predict, radius, stage
 
 
@@ -406,12 +404,12 @@ def cascade_predict(counts, p0: float = 0.5) -> tuple[int, int]:
     p0 = _check_p0(p0)
     counts = _as_counts(counts, "counts", ndim=2)
     if counts.shape[0] < 1:
-        raise UserError(f"counts must have at least one scale, got shape {counts.shape}")
+        raise ValueError(f"counts must have at least one scale, got shape {counts.shape}")
     _check_classes(counts, "counts")
     for k in range(counts.shape[0] - 1, -1, -1):
         total = int(counts[k].sum())
         if total == 0:
-            raise UserError(
+            raise ValueError(
                 f"cascade_predict reached scale index {k} but its counts are all zero: "
                 "that scale was not sampled"
             )
@@ -438,11 +436,11 @@ def floor_decimals(x, decimals: int = 6):
     Returns a float for scalar input, else a float64 array; nan and inf are left as they are.
     """
     if isinstance(decimals, bool) or not isinstance(decimals, numbers.Integral) or decimals < 0:
-        raise UserError(f"decimals must be a non-negative integer, got {decimals!r}")
+        raise ValueError(f"decimals must be a non-negative integer, got {decimals!r}")
     try:
         values = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise UserError(f"floor_decimals needs numbers, got {x!r}") from err
+        raise ValueError(f"floor_decimals needs numbers, got {x!r}") from err
     quantum = Decimal(1).scaleb(-int(decimals))
     floored = np.array(values, copy=True)
     for i, value in np.ndenumerate(values):
