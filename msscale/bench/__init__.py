@@ -1,1 +1,1 @@
-
+"""Benchmarks that print measured figures."""

@@ -1,1 +1,1 @@
-
+"""Certification as a job: plan, shards, the job array, merge, counts files and results."""
