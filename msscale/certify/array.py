@@ -26,7 +26,7 @@ import submitit
 import yaml
 
 from msscale.atomic import atomic_write_text
-from msscale.certify.plan import plan_shard, shard_path
+from msscale.certify.plan import plan_shard, shard_files, shard_path
 from msscale.cluster import CLUSTERS
 from msscale.errors import UserError
 from msscale.logs import setup_logging
@@ -109,9 +109,9 @@ def _refuse_other_split(out: Path, shards: int, sample_splits: int) -> None:
     from msscale.certify.counts import load_counts
 
     total = shards * sample_splits
-    files = sorted((out / "counts").glob("shard-*-of-*.npz"))
+    files = sorted((out / "counts").glob("shard-*-of-*.npz"))  # progress files too
     other = [p for p in files if f"-of-{total:05d}." not in p.name]
-    finished = [p for p in files if p.name.endswith(f"-of-{total:05d}.npz")]
+    finished = [p for (_, count), p in shard_files(out).items() if count == total]
     if not other and finished:
         splits = load_counts(finished[0]).meta.get("sample_splits", 1)
         other = [finished[0]] if splits != sample_splits else []

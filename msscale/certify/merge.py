@@ -8,43 +8,40 @@ naming the file; nothing is written then.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from msscale.certify.counts import Counts, load_counts, save_counts
+from msscale.certify.plan import progress_path, shard_files, shard_path
 from msscale.errors import UserError
 from msscale.smoothing.sampling import block_sizes
 
-SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.npz$")
 PER_SHARD_KEYS = ("shard", "select_blocks", "estimate_blocks")
 
 
 def find_shards(out: str | Path) -> dict[int, Path]:
     """Shard files of a run directory by shard id; the total must agree across names."""
     folder = Path(out) / "counts"
-    named = [(SHARD_FILE.match(p.name), p) for p in sorted(folder.glob("shard-*.npz"))]
-    named = [(m, p) for m, p in named if m]
+    named = shard_files(out)
     if not named:
         raise UserError(f"no shard files (shard-SSSSS-of-TTTTT.npz) in {folder}")
-    examples = {int(m.group(2)): p.name for m, p in named}
+    examples = {total: p.name for (_, total), p in named.items()}
     if len(examples) > 1:
         raise UserError(
             f"{folder} mixes shard files of runs split {' and '.join(map(str, sorted(examples)))} "
             f"ways (e.g. {', '.join(examples[t] for t in sorted(examples))}): keep one run's"
         )
     total = next(iter(examples))
-    shards = {int(m.group(1)): p for m, p in named}
+    shards = {shard: p for (shard, _), p in named.items()}
     missing = [i for i in range(total) if i not in shards]
     if missing:
-        name = f"shard-{missing[0]:05d}-of-{total:05d}"
-        progress = folder / f"{name}.progress.npz"
-        state = " (unfinished: only its progress file is there)" if progress.is_file() else ""
+        progress = progress_path(out, missing[0], total).is_file()
+        state = " (unfinished: only its progress file is there)" if progress else ""
         raise UserError(
-            f"{folder / name}.npz is missing{state}; {len(missing)} of {total} shards are "
-            "missing: finish them before merging"
+            f"{shard_path(out, missing[0], total)} is missing{state}; {len(missing)} of "
+            f"{total} shards are missing: finish them before merging"
         )
     extra = [i for i in shards if i >= total]
     if extra:

@@ -7,12 +7,25 @@ of the estimation blocks, and split 0 also owns the selection draws.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from msscale.errors import UserError
 from msscale.smoothing.sampling import ESTIMATE, SELECT, block_sizes
+
+SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.npz$")
+
+
+def shard_files(out: str | Path) -> dict[tuple[int, int], Path]:
+    """The finished shard files of a run directory, by (shard id, shard count)."""
+    found = {}
+    for path in sorted((Path(out) / "counts").glob("shard-*.npz")):
+        match = SHARD_FILE.match(path.name)
+        if match:
+            found[int(match.group(1)), int(match.group(2))] = path
+    return found
 
 
 def shard_name(shard_id: int, num_shards: int) -> str:
