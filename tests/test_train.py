@@ -238,7 +238,7 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run(assets, tmp_path, monke
     from msscale.finetune.loop import train
     from msscale.finetune.schema import load_finetune_config
 
-    real_loss = msscale.losses.calibration_loss
+    real_loss = msscale.finetune.losses.calibration_loss
     calls = []
 
     def sometimes_nan(*args, **kwargs):

@@ -7,7 +7,7 @@
   node on CPUs). Each task copies rank, world size and master address from submitit's
   JobEnvironment into the torch.distributed variables and runs the same loop. On
   preemption or timeout `FinetuneJob.checkpoint` requeues the job; the loop resumes from
-  `<out>/checkpoints/latest` (msscale.train.latest_checkpoint, the one name both use).
+  `<out>/checkpoints/latest` (msscale/finetune/checkpoints.py, the one name both use).
 """
 
 from __future__ import annotations
