@@ -9,16 +9,17 @@ key and what was expected; an unknown key lists the valid ones.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from msscale.atomic import atomic_write_text
 from msscale.errors import UserError
+from msscale.paths import regular_file
 
 REQUIRED = object()
 
@@ -100,6 +101,9 @@ def _check_leaf(path: str, leaf: Key, value: Any) -> Any:
     for number in numbers:
         if not isinstance(number, (int, float)):
             continue
+        # NaN passes every min/max comparison below, and inf is no setting: refuse both here
+        if isinstance(number, float) and not math.isfinite(number):
+            raise UserError(f"config key {path}: expected a finite number, got {number!r}")
         if leaf.min is not None and number < leaf.min:
             raise UserError(f"config key {path}: expected >= {leaf.min}, got {number!r}")
         if leaf.max is not None and number > leaf.max:
@@ -117,12 +121,18 @@ def ascending_scales(path: str, sigmas: list[float]) -> None:
         )
 
 
+def nonempty(path: str, value: str) -> None:
+    """The check for every path key: an empty string would mean the working directory."""
+    if not value.strip():
+        raise UserError(f"config key {path} must not be empty")
+
+
 def _type_name(types: tuple) -> str:
     return " or ".join(t.__name__ for t in types)
 
 
 def _validate(cfg: dict, schema: dict, prefix: str = "") -> dict:
-    unknown = sorted(set(cfg) - set(schema))
+    unknown = sorted(set(cfg) - set(schema), key=str)  # YAML keys need not be strings
     if unknown:
         valid = ", ".join(sorted(_leaf_paths(schema, prefix)))
         raise UserError(f"unknown config key {prefix}{unknown[0]}; valid keys: {valid}")
@@ -164,13 +174,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str], schema: di
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+    path = regular_file(path, "config file")  # a FIFO is refused, not waited on
     try:
         from_file = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {err}") from None
+        reason = " ".join(str(err).split())  # PyYAML's message spans lines
+        raise UserError(f"config file {path} is not valid YAML: {reason}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not text (a binary file?)") from None
     if not isinstance(from_file, dict):
         raise UserError(f"config file {path} must hold a mapping at the top level")
     return from_file

@@ -138,15 +138,16 @@ def test_unknown_config_key_lists_the_valid_ones(assets, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("smoothing.alpha=2", "smoothing.alpha: expected <= 0.5"),
+        ("smoothing.alpha=2", "smoothing.alpha: expected < 0.5"),
         ("smoothing.n=ten", "smoothing.n: expected int"),
         ("smoothing.schedule=fast", "smoothing.schedule: expected one of"),
         ("smoothing.sigmas=[0.5,0.25]", "ascending"),
     ],
 )
-def test_bad_values_name_the_key(assets, tmp_path, override, message):
+def test_bad_values_name_the_key(assets, tmp_path, capsys, override, message):
     cfg = write_certify_yaml(assets, tmp_path / "c.yaml", tmp_path / "run")
     assert main(["certify", "--cfg", str(cfg), override]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -5,22 +5,32 @@ from __future__ import annotations
 import os
 
 from msscale.cluster import SLURM
-from msscale.config import Key, ascending_scales, load_config
+from msscale.config import Key, ascending_scales, load_config, nonempty
+from msscale.errors import UserError
 from msscale.models.schema import CLASSIFIER
+
+
+def _below_half(path: str, alpha: float) -> None:
+    """The certificate needs alpha < 1/2 (docs/design.md §1.1); refused here, not after sampling."""
+    if alpha >= 0.5:
+        raise UserError(f"config key {path}: expected < 0.5, got {alpha!r}")
+
 
 CERTIFY_SCHEMA = {
     "seed": Key(int, 0, min=0),
-    "out": Key(str, "runs/certify"),
+    "out": Key(str, "runs/certify", check=nonempty),
     "device": Key(str, "auto", choices=("auto", "cpu", "cuda")),
     "precision": Key(
         str, "fp32", choices=("fp32", "bf16"), help="bf16: autocast (GPUs, CPUs with AVX512-BF16)"
     ),
     "channels_last": Key(bool, True, help="run the models in channels_last memory format"),
     "compile": Key(bool, False, help="torch.compile the models (slow start, faster sampling)"),
-    "denoiser": {"path": Key(str)},
+    "denoiser": {"path": Key(str, check=nonempty)},
     "classifier": CLASSIFIER,
     "data": {
-        "shards": Key(str, help="brace-expanded WebDataset URL or a dataset.json"),
+        "shards": Key(
+            str, help="brace-expanded WebDataset URL or a dataset.json", check=nonempty
+        ),
         "skip": Key(int, 1, min=1, help="certify every skip-th image"),
         "max_images": Key(int, None, nullable=True, min=1),
     },
@@ -28,7 +38,7 @@ CERTIFY_SCHEMA = {
         "sigmas": Key(list, [0.25, 0.5, 1.0], item_type=float, check=ascending_scales),
         "n0": Key(int, 100, min=1),
         "n": Key(int, 10000, min=1),
-        "alpha": Key(float, 0.001, min=1e-12, max=0.5),
+        "alpha": Key(float, 0.001, min=1e-12, check=_below_half),
         "p0": Key(float, 0.5, min=0.5, max=0.999999),
         "schedule": Key(str, "full", choices=("full", "cascade")),
         "batch_size": Key(int, 256, min=1),

@@ -7,7 +7,7 @@ several keys.
 from __future__ import annotations
 
 from msscale.cluster import SLURM
-from msscale.config import Key, ascending_scales, load_config
+from msscale.config import Key, ascending_scales, load_config, nonempty
 from msscale.errors import UserError
 from msscale.models.schema import CLASSIFIER
 
@@ -15,12 +15,16 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "polynom
 
 FINETUNE_SCHEMA = {
     "seed": Key(int, 0, min=0),
-    "out": Key(str, "runs/finetune", help="run directory: checkpoints/, tb/, final/"),
-    "denoiser": {"path": Key(str, help="diffusers UNet2DModel directory with scheduler/")},
+    "out": Key(str, "runs/finetune", help="run directory: checkpoints/, tb/, final/",
+               check=nonempty),
+    "denoiser": {"path": Key(str, help="diffusers UNet2DModel directory with scheduler/",
+                             check=nonempty)},
     "classifier": CLASSIFIER,
     "data": {
-        "train_shards": Key(str, help="brace-expanded WebDataset URL or a dataset.json"),
-        "val_shards": Key(str, None, nullable=True, help="held-out shards, read once in order"),
+        "train_shards": Key(str, help="brace-expanded WebDataset URL or a dataset.json",
+                            check=nonempty),
+        "val_shards": Key(str, None, nullable=True, help="held-out shards, read once in order",
+                          check=nonempty),
         "val_images": Key(int, 64, min=1, help="validation images per evaluation"),
         "image_size": Key(int, min=8),
         "shuffle_buffer": Key(int, 1000, min=1),
