@@ -129,14 +129,40 @@ def clean_partial(accelerator, out: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+def check_finite(unet, noise_scheduler, final: Path) -> None:
+    """UserError unless every weight of `unet` is finite and so is its output on a fixed input.
+
+    A UNet with a NaN weight, or one whose output overflows, would make every certification
+    draw non-finite; it is refused here rather than exported as `final/`.
+    """
+    import torch
+
+    for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]:
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"refusing to export {final}: the EMA UNet's {name} holds "
+                            "non-finite values (the training diverged)")
+    size = unet.config.sample_size or 32
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn((1, unet.config.in_channels, height, width), generator=generator)
+    timestep = torch.tensor([noise_scheduler.config.num_train_timesteps // 2])
+    with torch.no_grad():
+        output = unet.eval()(sample, timestep).sample
+    if not torch.isfinite(output).all():
+        raise UserError(f"refusing to export {final}: the EMA UNet's output on a test input "
+                        "is not finite (the training diverged)")
+
+
 def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
-    """The EMA UNet + scheduler/ under <out>/final (via a temporary directory and rename)."""
+    """The EMA UNet + scheduler/ under <out>/final (via a temporary directory and rename),
+    after check_finite."""
     from diffusers import UNet2DModel
 
     from msscale.models.loading import save_denoiser
 
     model = UNet2DModel.from_config(unet_config)
     ema.copy_to(model.parameters())
+    check_finite(model.float(), noise_scheduler, out / FINAL)
     final, tmp = out / FINAL, out / f".{FINAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_denoiser(model.float(), noise_scheduler, tmp)

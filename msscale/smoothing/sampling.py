@@ -6,7 +6,9 @@ stream, b) alone and always has the same length, so an image's votes never depen
 size, on the other images in the run, or on how the work was split or resumed.
 
 Batches are filled across images, scales and streams; votes are counted on the device with
-one bincount per batch.
+one bincount per batch. A draw whose logits are not all finite votes for no class: it is
+counted apart, and any such draw makes the whole call a NonFiniteLogits error (argmax would
+otherwise make a NaN model vote for class 0 on every draw, and certify it).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from msscale.errors import UserError
 
 # Noise streams: certification's selection and estimation draws, and `predict`'s own.
 SELECT, ESTIMATE, PREDICT = 0, 1, 2
@@ -32,6 +36,23 @@ def block_sizes(total: int, noise_block: int) -> list[int]:
     """Draw counts of the blocks that make up `total` draws (the last one may be short)."""
     full, rest = divmod(total, noise_block)
     return [noise_block] * full + ([rest] if rest else [])
+
+
+class NonFiniteLogits(UserError):
+    """The model gave non-finite logits for some draws; they cannot vote, so nothing counts.
+
+    `count` draws of `total` were not finite; the first (lowest image index, then scale)
+    affected image is `image` at `sigma`, with `at_image` of its draws there.
+    """
+
+    def __init__(self, count: int, total: int, image: int, sigma: float, at_image: int):
+        self.count, self.total, self.image, self.sigma = count, total, image, sigma
+        super().__init__(
+            f"the model gave non-finite logits (NaN or inf) for {count} of {total} draws, "
+            f"first at image {image}, sigma {sigma:g} ({at_image} draws there); such draws "
+            "cannot vote, so nothing was counted: check the denoiser and classifier weights "
+            "(a diverged fine-tune?) and classifier.mean/std"
+        )
 
 
 @dataclass(frozen=True)
@@ -115,11 +136,13 @@ def count_votes(
     `images` [rows, 3, H, W] on the model's device; `timesteps[k]` is the denoiser's t for
     sigmas[k]. `channels_last` hands the model channels_last inputs; `fixed_batch` pads the
     last batch to `batch_size` (a compiled model then sees one shape). `progress` (a tqdm
-    bar or None) is advanced by the draws done.
+    bar or None) is advanced by the draws done. Draws with non-finite logits are counted in
+    an extra slot past the classes; if there are any, NonFiniteLogits is raised.
     """
     device = images.device
     rows, num_scales = images.shape[0], len(sigmas)
-    size = rows * num_scales * NUM_STREAMS * num_classes
+    slots = num_classes + 1  # the last slot counts the draws that may not vote
+    size = rows * num_scales * NUM_STREAMS * slots
     votes = torch.zeros(size, dtype=torch.int64, device=device)
     sigma_of = torch.tensor(sigmas, dtype=images.dtype, device=device)
     t_of = torch.tensor(timesteps, dtype=torch.long, device=device)
@@ -136,12 +159,33 @@ def count_votes(
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(noisy, timesteps)
-        predicted = logits[: len(row)].argmax(dim=1)
-        bucket = ((row * num_scales + scale) * NUM_STREAMS + stream) * num_classes + predicted
+        logits = logits[: len(row)]
+        finite = torch.isfinite(logits).all(dim=1)
+        predicted = torch.where(finite, logits.argmax(dim=1), num_classes)
+        bucket = ((row * num_scales + scale) * NUM_STREAMS + stream) * slots + predicted
         votes += torch.bincount(bucket, minlength=votes.numel())
         if progress is not None:
             progress.update(len(row))
-    return votes.view(rows, num_scales, NUM_STREAMS, num_classes).cpu().numpy()
+    votes = votes.view(rows, num_scales, NUM_STREAMS, slots).cpu().numpy()
+    _refuse_non_finite(votes[..., num_classes], blocks, sigmas)
+    return votes[..., :num_classes]
+
+
+def _refuse_non_finite(bad: np.ndarray, blocks: list[Block], sigmas: list[float]) -> None:
+    """NonFiniteLogits if any draw of `bad` [rows, K, NUM_STREAMS] was not finite."""
+    if not bad.any():
+        return
+    image_of = {b.row: b.image for b in blocks}
+    per_scale = bad.sum(axis=2)  # [rows, K]
+    row, scale = min(zip(*np.nonzero(per_scale), strict=True),
+                     key=lambda rs: (image_of[int(rs[0])], int(rs[1])))
+    raise NonFiniteLogits(
+        count=int(bad.sum()),
+        total=sum(b.count for b in blocks),
+        image=image_of[int(row)],
+        sigma=float(sigmas[int(scale)]),
+        at_image=int(per_scale[row, scale]),
+    )
 
 
 def _fill(value: int, length: int, device: torch.device) -> torch.Tensor:
