@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -20,13 +21,15 @@ import webdataset as wds
 from PIL import Image
 
 from msscale.atomic import sha256_file
-from msscale.data.sources import IMAGE_ERRORS
+from msscale.data.sources import IMAGE_ERRORS, to_rgb8
 from msscale.errors import UserError
+from msscale.paths import regular_file
 
 log = logging.getLogger(__name__)
 
 DATASET_JSON = "dataset.json"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # read in this order of preference
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class Dataset:
@@ -53,6 +56,7 @@ class Dataset:
         self.num_classes: int | None = meta.get("num_classes") if meta else None
         self.class_names: list[str] | None = meta.get("class_names") if meta else None
         self.image_size: list[int] | None = meta.get("image_size") if meta else None
+        self.verified: dict[int, str] = {}  # shard position -> sha256 of the file as checked
 
     def __repr__(self) -> str:
         return f"Dataset({self.spec!r}, {len(self.shards)} shards)"
@@ -68,19 +72,31 @@ class Dataset:
         return sum(self.shard_counts)
 
     def fingerprint(self) -> str:
-        """sha256 over the shards' sha256s in order (recorded ones, else hashed from the files).
+        """sha256 over the shards' sha256s in order: of the files where `verify` checked them,
+        else the recorded ones, else hashed from the files.
 
         The same shards give the same fingerprint whether opened by dataset.json or by URL.
         """
         if self.shard_sha256 is None:
             self.shard_sha256 = [sha256_file(existing_shard(s)) for s in self.shards]
         digest = hashlib.sha256()
-        for shard_digest in self.shard_sha256:
-            digest.update(shard_digest.encode("ascii") + b"\n")
+        for n, recorded in enumerate(self.shard_sha256):
+            digest.update(self.verified.get(n, recorded).encode("ascii") + b"\n")
         return digest.hexdigest()
 
-    def verify(self) -> None:
-        """Check every shard's sha256 against dataset.json; UserError names the first bad one.
+    def shards_holding(self, indices: Iterable[int]) -> list[int]:
+        """Positions in `shards` of the shards holding any of `indices` (all when not counted)."""
+        if self.shard_counts is None:
+            return list(range(len(self.shards)))
+        ends = np.cumsum(self.shard_counts)
+        wanted = {int(i) for i in indices}
+        return sorted({int(np.searchsorted(ends, i, side="right")) for i in wanted
+                       if 0 <= i < ends[-1]})
+
+    def verify(self, indices: Iterable[int] | None = None) -> None:
+        """Check the shards' sha256 against dataset.json (those holding `indices`, or all);
+        UserError names the first that differs. Each file is read once here, before any
+        image of it is used, so a changed byte is caught whatever it changes.
 
         Without a dataset.json there is nothing recorded to check against: only the shards'
         existence is checked, and a warning says so.
@@ -90,13 +106,19 @@ class Dataset:
                 existing_shard(shard)
             log.warning("%s: no dataset.json, so no checksums to verify against", self.spec)
             return
-        for shard, recorded in zip(self.shards, self.shard_sha256, strict=True):
-            actual = sha256_file(existing_shard(shard))
-            if actual != recorded:
+        chosen = range(len(self.shards)) if indices is None else self.shards_holding(indices)
+        for n in chosen:
+            if n in self.verified:
+                continue
+            actual = sha256_file(existing_shard(self.shards[n]))
+            if actual != self.shard_sha256[n]:
                 raise UserError(
-                    f"shard {shard} does not match dataset.json: sha256 {actual}, "
-                    f"recorded {recorded}"
+                    f"shard {self.shards[n]} does not match {self.spec}: sha256 {actual}, "
+                    f"recorded {self.shard_sha256[n]} (changed since make-shards? make the "
+                    "shards again)"
                 )
+            self.verified[n] = actual
+        log.info("%s: %d shard(s) match their recorded sha256", self.spec, len(chosen))
 
     def iter_images(self, indices: Iterable[int]) -> Iterator[tuple[int, torch.Tensor, int]]:
         """Yield (global index, float32 image [3,H,W] in [0,1], label) for `indices`.
@@ -232,7 +254,7 @@ def decode_sample(
         raise UserError(f"shard {shard}: sample {key} has label {label} outside the classes")
     try:
         with Image.open(io.BytesIO(sample[ext])) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+            pixels = np.asarray(to_rgb8(image), dtype=np.float32)
     except IMAGE_ERRORS as exc:
         raise UserError(f"shard {shard}: cannot decode {key}.{ext} ({exc})") from None
     tensor = torch.from_numpy(pixels / 255.0).permute(2, 0, 1).contiguous()
@@ -257,10 +279,9 @@ def open_dataset(spec: str | os.PathLike) -> Dataset:
 
 
 def _load_json(path: Path) -> dict:
+    regular_file(path, "dataset file")  # a FIFO would block the read below forever
     try:
         meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"dataset file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"dataset file {path} is not readable JSON ({exc})") from None
     _check_meta(meta, path)
@@ -281,11 +302,25 @@ def _check_meta(meta: dict, path: Path) -> None:
                    or k not in shard]
         if missing:
             raise UserError(f"{path}: shards[{n}] lacks {missing[0]!r}")
-        if Path(shard["name"]).name != shard["name"] or shard["name"] in ("", ".", ".."):
-            raise UserError(f"{path}: shards[{n}].name {shard['name']!r} is not a file name")
-    total = sum(int(s["count"]) for s in meta["shards"])
-    if total != meta["count"]:
-        raise UserError(f"{path}: 'count' is {meta['count']} but the shards hold {total}")
+        name = shard["name"]
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise UserError(f"{path}: shards[{n}].name {name!r} is not a file name")
+        if not _is_count(shard["count"]) or shard["count"] < 1:
+            raise UserError(f"{path}: shards[{n}].count must be a positive integer, "
+                            f"got {shard['count']!r}")
+        if not isinstance(shard["sha256"], str) or not SHA256.fullmatch(shard["sha256"]):
+            raise UserError(f"{path}: shards[{n}].sha256 must be 64 lower-case hex digits, "
+                            f"got {shard['sha256']!r}")
+    if not _is_count(meta["num_classes"]) or meta["num_classes"] < 2:
+        raise UserError(f"{path}: 'num_classes' must be an integer >= 2, "
+                        f"got {meta['num_classes']!r}")
+    total = sum(s["count"] for s in meta["shards"])
+    if total != meta["count"] or not _is_count(meta["count"]):
+        raise UserError(f"{path}: 'count' is {meta['count']!r} but the shards hold {total}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _open_json(path: Path) -> Dataset:

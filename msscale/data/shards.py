@@ -19,8 +19,9 @@ from PIL import Image
 
 from msscale.atomic import atomic_write_text, sha256_file
 from msscale.data.dataset import DATASET_JSON
-from msscale.data.sources import IMAGE_ERRORS, Item, Source, resolve_source
+from msscale.data.sources import IMAGE_ERRORS, Item, Source, resolve_source, to_rgb8
 from msscale.errors import UserError
+from msscale.paths import output_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,11 @@ def make_shards(
         raise UserError(f"shard_size must be at least 1, got {shard_size}")
     if image_size is not None and image_size < 1:
         raise UserError(f"image_size must be positive or None, got {image_size}")
+    out_dir = output_dir(out_dir, "out")
+    _refuse_out_in_source(source, out_dir)
     resolved = resolve_source(source, split, image_size)
     if not resolved.items:
         raise UserError(f"source {str(source)!r} holds no images")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".make-shards-"))
     try:
@@ -69,6 +71,15 @@ def make_shards(
         info["count"], len(shards), out_dir, len(resolved.skipped),
     )
     return info
+
+
+def _refuse_out_in_source(source: str | os.PathLike, out_dir: Path) -> None:
+    """Shards written into an image folder would be read as images of a class next time."""
+    if str(source) == "digits":
+        return
+    root, out = Path(source).resolve(), out_dir.resolve()
+    if out == root or root in out.parents:
+        raise UserError(f"out {out_dir} is inside the source {source}: write the shards elsewhere")
 
 
 def _write_shards(
@@ -99,7 +110,7 @@ def _write_shards(
 def _load_item(item: Item, source: Source, skip_bad: bool) -> Image.Image | None:
     """The item as an RGB image of the target size; None if unreadable and skip_bad."""
     try:
-        image = item.load().convert("RGB")
+        image = to_rgb8(item.load())
         size = source.image_size
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)

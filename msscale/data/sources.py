@@ -1,6 +1,8 @@
 """Where `make_shards` gets its images: scikit-learn's digits, an image-folder tree, CIFAR-10.
 
 Each source is a list of items (a name, a label, a loader) plus class names and a prefix.
+`to_rgb8` is the one conversion of any PIL image to 8-bit RGB (for make-shards and for
+reading shards): 16-bit images are scaled, not clipped; transparency is composited on white.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from msscale.errors import UserError
+from msscale.paths import regular_file
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,44 @@ CIFAR_META = "batches.meta"
 
 # What PIL raises for files that are not (whole) images.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+#: Modes whose samples are 16-bit or wider integers: PIL's own convert("RGB") clips them at
+#: 255, so a 16-bit PNG would become a white image.
+WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: Modes with an alpha channel (P and others may instead carry a transparency entry).
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, converted faithfully.
+
+    - 16-bit grey (I;16*, and I holding 0..65535, as 16-bit PNGs open in some PIL versions)
+      is scaled by 255/65535 and rounded; I outside 0..65535 and float images (F) cannot be
+      read without guessing their range and raise ValueError.
+    - Transparent images (an alpha channel, or a palette or colour marked transparent) are
+      composited on white, the background a viewer shows them on.
+    - Everything else (L, 1, P, CMYK, YCbCr, RGB, ...) uses PIL's own conversion.
+    """
+    if image.mode in WIDE_INTEGER_MODES:
+        image = _wide_to_grey8(image)
+    elif image.mode == "F":
+        raise ValueError("float images (PIL mode F) are not supported: convert to 8 or 16 bits")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _wide_to_grey8(image: Image.Image) -> Image.Image:
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"{image.mode} image with values {values.min()}..{values.max()}: expected 16-bit "
+            "values (0..65535)"
+        )
+    return Image.fromarray(np.round(values * (255 / 65535)).astype(np.uint8), "L")
 
 
 @dataclass(frozen=True)
@@ -170,11 +211,10 @@ def _numpy_pickle_globals() -> dict:
 
 def load_cifar_pickle(path: Path) -> dict:
     """Load one CIFAR-10 python batch (or batches.meta) with the numpy-only unpickler."""
+    regular_file(path, "CIFAR-10: batch file")  # refused, not opened, if a FIFO
     try:
         with open(path, "rb") as handle:
             data = _NumpyOnlyUnpickler(handle, encoding="bytes").load()
-    except FileNotFoundError:
-        raise UserError(f"CIFAR-10: missing file {path}") from None
     except pickle.UnpicklingError as exc:
         raise UserError(f"CIFAR-10: refusing to load {path}: {exc}") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
