@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import subprocess
+import sys
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 from msscale.config import Key
@@ -50,6 +53,24 @@ def slurm_answers(timeout_s: float = 15.0) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return ping.returncode == 0 and " is UP" in ping.stdout
+
+
+@contextmanager
+def submission_errors(cluster: str):
+    """submitit's answer when a cluster takes no jobs (no srun here: RuntimeError; sbatch
+    failing: FailedJobError, a RuntimeError; a command missing: OSError) as one UserError.
+
+    submitit also prints a failing sbatch's stderr itself; that text is held back (the
+    error repeats it) and passed on only when the submission succeeds.
+    """
+    held = io.StringIO()
+    try:
+        with redirect_stderr(held):
+            yield
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UserError(f"cannot submit to {cluster}: {reason}") from None
+    sys.stderr.write(held.getvalue())
 
 
 def make_executor(

@@ -135,7 +135,7 @@ def submit_finetune(
     task per node without GPUs. `local` runs the nodes x tasks as processes on this
     machine; `debug` runs one process in this one.
     """
-    from msscale.cluster import make_executor, resolve_cluster
+    from msscale.cluster import make_executor, resolve_cluster, submission_errors
     from msscale.config import save_config
     from msscale.finetune.schema import load_finetune_config
 
@@ -157,9 +157,10 @@ def submit_finetune(
         nodes, tasks = 1, nodes * tasks
     out = Path(cfg["out"])
     save_config(cfg, out / "config.yaml")
-    executor = make_executor(cluster, out / "submitit" / "%j", slurm, nodes=nodes,
-                             tasks_per_node=tasks, name="msscale-finetune")
-    job = executor.submit(FinetuneJob(cfg))
+    with submission_errors(cluster):  # no Slurm here, or sbatch refusing: one line
+        executor = make_executor(cluster, out / "submitit" / "%j", slurm, nodes=nodes,
+                                 tasks_per_node=tasks, name="msscale-finetune")
+        job = executor.submit(FinetuneJob(cfg))
     log.info("submitted job %s (%d node(s) x %d task(s)); logs in %s", job.job_id, nodes,
              tasks, out / "submitit")
     if not wait:

@@ -15,6 +15,7 @@ import torch
 
 from msscale.atomic import sha256_file
 from msscale.errors import UserError
+from msscale.paths import regular_file
 from msscale.smoothing.denoise import Classifier, DenoiseAndClassify, OneShotDenoiser
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,11 @@ def load_scheduler(path: str | Path):
     config_file = Path(path) / "scheduler" / "scheduler_config.json"
     if not config_file.is_file():
         raise UserError(f"denoiser {path} has no scheduler/scheduler_config.json")
-    class_name = json.loads(config_file.read_text()).get("_class_name", "DDPMScheduler")
-    scheduler_class = getattr(diffusers, class_name, None)
-    if scheduler_class is None:
+    class_name = _read_config(config_file).get("_class_name", "DDPMScheduler")
+    scheduler_class = getattr(diffusers, str(class_name), None)
+    if not isinstance(scheduler_class, type) or not issubclass(
+        scheduler_class, diffusers.SchedulerMixin
+    ):
         raise UserError(f"denoiser {path}: unknown scheduler class {class_name!r}")
     scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
     if not hasattr(scheduler, "alphas_cumprod"):
@@ -65,10 +68,25 @@ def load_unet(path: str | Path):
     unet_dir = _unet_dir(path)
     if not (unet_dir / "config.json").is_file():
         raise UserError(f"denoiser.path {path} holds no UNet config.json (save_pretrained output)")
+    # from_pretrained builds a UNet2DModel from another class's config with only a warning
+    class_name = _read_config(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+    if class_name != "UNet2DModel":
+        raise UserError(f"denoiser.path {path} holds a {class_name}, not a UNet2DModel")
     try:
         return UNet2DModel.from_pretrained(unet_dir)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"denoiser.path {path}: cannot load the UNet: {err}") from None
+
+
+def _read_config(path: Path) -> dict:
+    """A diffusers config.json as a dict; anything else is a UserError naming the file."""
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a JSON config ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return config
 
 
 def load_denoiser(path: str | Path) -> OneShotDenoiser:
@@ -81,12 +99,17 @@ def load_denoiser(path: str | Path) -> OneShotDenoiser:
 
 
 def _read_state_dict(checkpoint: Path) -> dict:
-    if not checkpoint.is_file():
-        raise UserError(f"classifier.checkpoint {checkpoint} does not exist")
+    regular_file(checkpoint, "classifier.checkpoint")
     if checkpoint.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(checkpoint)
+        try:
+            return load_file(checkpoint)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(
+                f"classifier.checkpoint {checkpoint} is not a readable safetensors file: {err}"
+            ) from None
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # a bad pickle can raise almost anything
@@ -172,7 +195,8 @@ def model_fingerprint(cfg: dict) -> str:
         ).encode()
     )
     if classifier["checkpoint"] is not None:
-        digest.update(sha256_file(classifier["checkpoint"]).encode())
+        checkpoint = regular_file(classifier["checkpoint"], "classifier.checkpoint")
+        digest.update(sha256_file(checkpoint).encode())
     return digest.hexdigest()
 
 
