@@ -36,35 +36,52 @@ def cmd_make_shards(args) -> None:
 
 
 def cmd_certify(args) -> None:
-    from msscale.certify.array import prepare_run_dir
+    from msscale.certify.array import check_run_dir, record_config
     from msscale.certify.merge import merge_run
     from msscale.certify.schema import load_certify_config
     from msscale.certify.shard import run_shard
+    from msscale.paths import run_lock
 
     cfg = load_certify_config(args.cfg, args.overrides)
-    prepare_run_dir(cfg)  # refuses a run directory made with another config
-    run_shard(cfg)
-    counts = merge_run(cfg["out"])
+    with run_lock(cfg["out"], "msscale certify"):  # one command writes a run directory
+        check_run_dir(cfg)  # refuses a run directory holding work of another config
+        run_shard(cfg, started=lambda: record_config(cfg))  # recorded once models load
+        counts = merge_run(cfg["out"])
     log.info("certified %d images; results in %s", len(counts.index), cfg["out"])
 
 
 def cmd_certify_shard(args) -> None:
-    from msscale.certify.array import prepare_run_dir
+    from msscale.certify.array import check_run_dir, record_config
     from msscale.certify.schema import load_certify_config
     from msscale.certify.shard import run_shard
+    from msscale.paths import run_lock
 
     cfg = load_certify_config(args.cfg, args.overrides)
+    if args.shards < 1 or args.sample_splits < 1:
+        raise UserError("--shards and --sample-splits must be at least 1")
     total = args.shards * args.sample_splits
     if not 0 <= args.shard < total:
         raise UserError(f"--shard {args.shard} is outside 0..{total - 1}")
-    prepare_run_dir(cfg)
-    log.info("wrote %s", run_shard(cfg, args.shard, total, args.sample_splits))
+    check_run_dir(cfg)
+
+    def started() -> None:
+        # A task writes only its shard files; recording the config is the one shared write,
+        # so it takes the lock briefly (the array's other tasks may be doing the same).
+        with run_lock(cfg["out"], f"msscale certify-shard --shard {args.shard}", wait_s=60):
+            check_run_dir(cfg)
+            record_config(cfg)
+
+    log.info("wrote %s", run_shard(cfg, args.shard, total, args.sample_splits, started))
 
 
 def cmd_merge(args) -> None:
     from msscale.certify.merge import merge_run
+    from msscale.paths import run_lock
 
-    counts = merge_run(args.run_dir)
+    if not Path(args.run_dir).is_dir():
+        raise UserError(f"run directory {args.run_dir} does not exist")
+    with run_lock(args.run_dir, "msscale merge"):  # not while a command writes the run
+        counts = merge_run(args.run_dir)
     log.info("merged %d images into %s", len(counts.index), Path(args.run_dir) / "counts.npz")
 
 
@@ -79,11 +96,12 @@ def _float_list(text: str) -> list[float]:
 
 def cmd_recertify(args) -> None:
     from msscale.certify.counts import load_counts
-    from msscale.certify.report import certify_counts, write_tsv
+    from msscale.certify.report import certify_counts, level, write_tsv
+    from msscale.paths import output_file
 
+    output_file(args.out, "--out", inputs=[args.counts])
     counts = load_counts(args.counts)
-    alpha = args.alpha if args.alpha is not None else counts.meta["alpha"]
-    p0 = args.p0 if args.p0 is not None else counts.meta["p0"]
+    alpha, p0 = level(counts, "alpha", args.alpha), level(counts, "p0", args.p0)
     sigmas = [args.single] if args.single is not None else args.sigmas
     if args.single is not None and args.p0 is None:
         p0 = 0.5  # a single scale is Cohen's CERTIFY unless a p0 is asked for
@@ -93,13 +111,27 @@ def cmd_recertify(args) -> None:
 
 def cmd_report(args) -> None:
     from msscale.certify.counts import load_counts
-    from msscale.certify.report import write_results
+    from msscale.certify.report import REPORT_FILES, level, write_results
+    from msscale.paths import output_dir, output_file
 
+    out = output_dir(args.out, "--out")
+    for name in REPORT_FILES:
+        output_file(out / name, "--out", inputs=[args.counts])
     counts = load_counts(args.counts)
-    alpha = args.alpha if args.alpha is not None else counts.meta["alpha"]
-    p0 = args.p0 if args.p0 is not None else counts.meta["p0"]
+    alpha, p0 = level(counts, "alpha", args.alpha), level(counts, "p0", args.p0)
     write_results(args.out, counts, alpha, p0)
     log.info("wrote the report to %s", args.out)
+
+
+def cmd_verify_data(args) -> None:
+    from msscale.data.dataset import open_dataset
+
+    dataset = open_dataset(args.dataset)
+    if dataset.shard_sha256 is None:
+        raise UserError(f"{args.dataset}: no dataset.json lists these shards, so there are no "
+                        "checksums to verify")
+    dataset.verify()
+    log.info("%s: all %d shards match their recorded sha256", args.dataset, len(dataset.shards))
 
 
 def cmd_bench(args) -> None:
@@ -173,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a run's shards into counts.npz and results")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("verify-data", help="check the shards against dataset.json's sha256")
+    p.add_argument("dataset", help="a dataset.json, its directory, or a shard URL beside one")
+    p.set_defaults(func=cmd_verify_data)
 
     p = sub.add_parser("recertify", help="certificates from counts alone")
     p.add_argument("counts")

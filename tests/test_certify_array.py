@@ -302,16 +302,27 @@ def test_no_wait_needs_slurm(cfg_path, tmp_path, capsys):
 
 
 def test_failing_shard_is_one_error_line_naming_its_log(cfg_path, tmp_path, capsys):
-    missing = tmp_path / "nowhere"
+    """A problem only a task finds (its classifier has 10 classes, not 7)."""
     code = run_tool(cfg_path, tmp_path / "run", "--shards", "1", "--cluster", "local",
-                    f"denoiser.path={missing}")
+                    "classifier.num_classes=7")
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("certify_array: error: 1 of 1 shards failed"), err
-    assert f"denoiser.path {missing} is not a directory" in err, err
+    assert "has 10 classes but classifier.num_classes is 7" in err, err
     log_file = Path(err.split("(log: ")[1].split(")")[0])
-    assert log_file.is_file() and "is not a directory" in log_file.read_text()
+    assert log_file.is_file() and "has 10 classes" in log_file.read_text()
     assert not (tmp_path / "run" / "counts.npz").exists()
+
+
+def test_what_every_task_would_fail_on_is_refused_before_submitting(cfg_path, tmp_path,
+                                                                   capsys):
+    missing = tmp_path / "nowhere"
+    code = run_tool(cfg_path, tmp_path / "run", "--shards", "2", "--cluster", "local",
+                    f"denoiser.path={missing}")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"denoiser.path {missing} is not a directory" in err, err
+    assert not (tmp_path / "run").exists()  # no task, no log, no config
 
 
 # ------------------------------------------------------------------ local executor, SIGKILL

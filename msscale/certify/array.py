@@ -1,7 +1,8 @@
 """A certification run as a submitit job array: plan the shards, submit the missing ones,
 watch them, merge.
 
-The run directory holds config.yaml (the resolved config the shards were made with),
+The run directory holds .lock (held by the command writing it, so one run at a time),
+config.yaml (the resolved config the shards were made with, recorded once the run starts),
 counts/ (one file per finished shard, progress files of unfinished ones), logs/ (submitit's
 pickles and each task's stdout/stderr; jobs.json, the job of every submitted shard: a Slurm
 job id, or the pid of a local job) and, after the merge, counts.npz and the results.
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from collections import Counter
@@ -27,9 +29,10 @@ import yaml
 
 from msscale.atomic import atomic_write_text
 from msscale.certify.plan import plan_shard, shard_files, shard_path
-from msscale.cluster import CLUSTERS
+from msscale.cluster import CLUSTERS, submission_errors
 from msscale.errors import UserError
 from msscale.logs import setup_logging
+from msscale.paths import output_dir, regular_file, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +66,60 @@ class ShardTask(submitit.helpers.Checkpointable):
 # ----------------------------------------------------------------------------- run directory
 
 
-def prepare_run_dir(cfg: dict) -> Path:
-    """Create the run directory, or check that an existing one was made with this config."""
-    out = Path(cfg["out"])
-    saved = out / "config.yaml"
-    if saved.is_file():
-        previous = yaml.safe_load(saved.read_text())
-        changed = _differences(_sampling_view(previous), _sampling_view(cfg))
-        if changed:
-            raise UserError(
-                f"{out} holds a run made with another config ({saved}): {changed[0]}; "
-                "use another --out, or remove that directory to start over"
-            )
+CONFIG = "config.yaml"
+
+
+def check_run_dir(cfg: dict) -> Path:
+    """The run directory `out` may take this run: a writable directory, and not one holding
+    work (shard or progress files, Slurm jobs still queued) made with another config. A
+    config.yaml whose run computed nothing (it failed first) is no run: it is replaced.
+    Call it with the directory's lock held when it is followed by writing."""
+    out = output_dir(cfg["out"], "out")
+    saved = out / CONFIG
+    if not saved.exists():
         return out
+    changed = _config_changes(saved, cfg)
+    if not changed:
+        return out
+    work = _work_in(out)
+    if work is None:
+        log.warning("%s: replacing %s (%s): its run computed nothing", out, saved, changed[0])
+        return out
+    raise UserError(
+        f"{out} holds a run made with another config ({saved}): {changed[0]}; "
+        "use another --out, or remove that directory to start over"
+    )
+
+
+def record_config(cfg: dict) -> None:
+    """Write the config into the run directory: the run has started with it."""
     from msscale.config import save_config
 
-    save_config(cfg, saved)
-    return out
+    save_config(cfg, Path(cfg["out"]) / CONFIG)
+
+
+def _config_changes(saved: Path, cfg: dict) -> list[str]:
+    """How the config recorded in `saved` differs from `cfg` where it matters for counts."""
+    try:
+        previous = yaml.safe_load(regular_file(saved, "config").read_text())
+        return _differences(_sampling_view(previous), _sampling_view(cfg))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError, KeyError):
+        return [f"{saved.name} is not a readable config"]
+
+
+def _work_in(out: Path) -> str | None:
+    """What in `out` was computed or is being computed: a counts file, a queued Slurm job."""
+    files = sorted((out / "counts").glob("shard-*.npz"))
+    if files:
+        return str(files[0])
+    recorded = _read_jobs(out)
+    if recorded.get("cluster") != "slurm" or not recorded.get("jobs"):
+        return None
+    try:
+        alive = _alive_slurm_jobs() & set(recorded["jobs"].values())
+    except UserError:
+        return "Slurm jobs whose state squeue cannot tell"
+    return f"Slurm job {sorted(alive)[0]}" if alive else None
 
 
 def _sampling_view(cfg: dict) -> dict:
@@ -131,11 +171,27 @@ def _jobs_file(out: Path) -> Path:
     return out / "logs" / "jobs.json"
 
 
+def _read_jobs(out: Path) -> dict:
+    """logs/jobs.json, or {} when it is missing or unreadable (it only saves waiting)."""
+    path = _jobs_file(out)
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("ignoring %s: not JSON", path)
+        return {}
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("jobs", {}), dict):
+        log.warning("ignoring %s: not a jobs record", path)
+        return {}
+    return recorded
+
+
 def _record_jobs(out: Path, cluster: str, total: int, jobs: dict) -> None:
     """Remember the job of each submitted shard (a Slurm job id, or the pid of a local job's
     controller process), for a later run of the same command and for people."""
     path = _jobs_file(out)
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = _read_jobs(out)
     if (recorded.get("cluster"), recorded.get("shards")) != (cluster, total):
         recorded = {"cluster": cluster, "shards": total, "jobs": {}}
     recorded["jobs"].update({str(shard): job.job_id for shard, job in jobs.items()})
@@ -144,12 +200,19 @@ def _record_jobs(out: Path, cluster: str, total: int, jobs: dict) -> None:
 
 def queued_slurm_jobs(out: Path, total: int, shards: list[int]) -> dict:
     """{shard: SlurmJob} of `shards` whose recorded job is still in the Slurm queue."""
-    path = _jobs_file(out)
-    if not path.is_file():
-        return {}
-    recorded = json.loads(path.read_text())
+    recorded = _read_jobs(out)
     if (recorded.get("cluster"), recorded.get("shards")) != ("slurm", total):
         return {}
+    alive = _alive_slurm_jobs()
+    return {
+        shard: submitit.SlurmJob(out / "logs", job_id)
+        for shard, job_id in ((int(s), j) for s, j in recorded["jobs"].items())
+        if shard in shards and job_id in alive
+    }
+
+
+def _alive_slurm_jobs() -> set[str]:
+    """Ids of this user's Slurm jobs (array tasks one by one) that will still run."""
     try:
         squeue = subprocess.run(
             ["squeue", "--me", "--array", "--noheader", "--format=%i %T"],
@@ -160,12 +223,7 @@ def queued_slurm_jobs(out: Path, total: int, shards: list[int]) -> dict:
     if squeue.returncode != 0:
         raise UserError(f"squeue failed: {squeue.stderr.strip()}")
     rows = (line.split() for line in squeue.stdout.splitlines())
-    alive = {row[0] for row in rows if len(row) == 2 and row[1] in ALIVE}
-    return {
-        shard: submitit.SlurmJob(out / "logs", job_id)
-        for shard, job_id in ((int(s), j) for s, j in recorded["jobs"].items())
-        if shard in shards and job_id in alive
-    }
+    return {row[0] for row in rows if len(row) == 2 and row[1] in ALIVE}
 
 
 # ------------------------------------------------------------------------------- submission
@@ -202,7 +260,10 @@ class ArrayRun:
         if not batch:
             return {}
         n = len(batch)
-        jobs = self.executor.map_array(self.task, batch, [self.total] * n, [self.sample_splits] * n)
+        with submission_errors(self.cluster):
+            jobs = self.executor.map_array(
+                self.task, batch, [self.total] * n, [self.sample_splits] * n
+            )
         started = dict(zip(batch, jobs, strict=True))
         self.jobs.update(started)
         if self.cluster != "debug":  # debug jobs run in this process, when waited for
@@ -229,8 +290,8 @@ class ArrayRun:
         reason = f"stopped (state {job.state}) before writing its shard file"
         if job.paths.result_pickle.exists():
             outcome, value = submitit.core.utils.pickle_load(job.paths.result_pickle)
-            if outcome == "error":
-                reason = _last_line(str(value)).removeprefix("msscale.errors.UserError: ")
+            if outcome == "error":  # a traceback: its last line, less the exception's name
+                reason = re.sub(r"^msscale\.[\w.]+: ", "", _last_line(str(value)))
         return f"shard {shard} (job {job.job_id}): {reason} (log: {job.paths.stderr})"
 
 
@@ -246,11 +307,15 @@ def submit_array(cfg: dict, cluster: str, shards: int, sample_splits: int,
 
     total = shards * sample_splits
     plan_shard(cfg, 0, 0, total, sample_splits)  # refuse a bad split before submitting
-    out = prepare_run_dir(cfg)
+    out = check_run_dir(cfg)
     _refuse_other_split(out, shards, sample_splits)
-    executor = make_executor(
-        cluster, out / "logs", cfg["slurm"], name="msscale-certify", array_parallelism=parallelism
-    )
+    # What every task would fail on is refused here, before a task is spent on it.
+    _check_model_paths(cfg)
+    _verify_data(cfg)
+    record_config(cfg)
+    with submission_errors(cluster):
+        executor = make_executor(cluster, out / "logs", cfg["slurm"], name="msscale-certify",
+                                 array_parallelism=parallelism)
     limit = None
     if cluster == "local":
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -271,6 +336,23 @@ def submit_array(cfg: dict, cluster: str, shards: int, sample_splits: int,
             array_id = next(iter(started.values())).job_id.split("_")[0]
             log.info("Slurm array %s; logs in %s", array_id, out / "logs")
     return run
+
+
+def _check_model_paths(cfg: dict) -> None:
+    """The model paths name a directory and a file (loading them is left to the tasks)."""
+    if not Path(cfg["denoiser"]["path"]).is_dir():
+        raise UserError(f"denoiser.path {cfg['denoiser']['path']} is not a directory")
+    if cfg["classifier"]["checkpoint"] is not None:
+        regular_file(cfg["classifier"]["checkpoint"], "classifier.checkpoint")
+
+
+def _verify_data(cfg: dict) -> None:
+    """The data shards the run reads match their recorded sha256 (each task checks its own
+    again: the files may change while the array waits in the queue)."""
+    from msscale.data.dataset import open_dataset, select_indices
+
+    dataset = open_dataset(cfg["data"]["shards"])
+    dataset.verify(select_indices(dataset.count, cfg["data"]["skip"], cfg["data"]["max_images"]))
 
 
 def id_ranges(ids: list[int]) -> str:
@@ -338,18 +420,19 @@ def run_array(cfg: dict, cluster: str, shards: int, sample_splits: int = 1,
     if not wait and cluster != "slurm":
         raise UserError(f"--no-wait needs --cluster slurm: {cluster} shards run only while "
                         "this command waits")
-    run = submit_array(cfg, cluster, shards, sample_splits, parallelism)
-    if not wait:
-        log.info("not waiting: run the same command again to wait for the shards and merge")
-        return None
-    try:
-        wait_for(run, poll_s)
-    except KeyboardInterrupt:
-        if cluster == "slurm":
-            log.warning("stopped waiting; the Slurm jobs go on: run the same command again "
-                        "to wait for them and merge")
-        raise
-    counts = merge_run(cfg["out"])
+    with run_lock(cfg["out"], "certify_array"):  # one command writes a run directory
+        run = submit_array(cfg, cluster, shards, sample_splits, parallelism)
+        if not wait:
+            log.info("not waiting: run the same command again to wait for the shards and merge")
+            return None
+        try:
+            wait_for(run, poll_s)
+        except KeyboardInterrupt:
+            if cluster == "slurm":
+                log.warning("stopped waiting; the Slurm jobs go on: run the same command again "
+                            "to wait for them and merge")
+            raise
+        counts = merge_run(cfg["out"])
     log.info("merged %d images: %s", len(counts.index), Path(cfg["out"]) / "report.md")
     return counts
 

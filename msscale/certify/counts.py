@@ -11,6 +11,7 @@ import numpy as np
 
 from msscale.atomic import atomic_path
 from msscale.errors import UserError
+from msscale.paths import regular_file
 
 KEYS = ("index", "label", "sigmas", "select", "estimate", "meta")
 
@@ -62,9 +63,7 @@ def save_counts(counts: Counts, path: str | Path) -> None:
 
 def load_counts(path: str | Path) -> Counts:
     """Read a counts .npz; a missing, truncated or malformed file is a UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"counts file {path} does not exist")
+    path = regular_file(path, "counts file")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [key for key in KEYS if key not in data.files]
@@ -74,15 +73,43 @@ def load_counts(path: str | Path) -> Counts:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise UserError(f"counts file {path} is truncated or not a counts file: {err}") from None
     counts = Counts(
-        index=arrays["index"].astype(np.int64),
-        label=arrays["label"].astype(np.int64),
-        sigmas=arrays["sigmas"].astype(np.float64),
-        select=arrays["select"].astype(np.int64),
-        estimate=arrays["estimate"].astype(np.int64),
-        meta=json.loads(str(arrays["meta"])),
+        index=_integers(arrays["index"], "index", path),
+        label=_integers(arrays["label"], "label", path),
+        sigmas=_scales(arrays["sigmas"], path),
+        select=_integers(arrays["select"], "select", path),
+        estimate=_integers(arrays["estimate"], "estimate", path),
+        meta=_meta(arrays["meta"], path),
     )
     _check_shapes(counts, path)
     return counts
+
+
+def _integers(values: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """int64 of an integer array; refused (not floored) if it holds anything else."""
+    if not np.issubdtype(values.dtype, np.integer):
+        raise UserError(f"counts file {path}: {key} holds {values.dtype} values, expected integers")
+    if values.size and values.min() < 0 and key != "label":
+        raise UserError(f"counts file {path}: {key} holds negative values")
+    return values.astype(np.int64)
+
+
+def _scales(values: np.ndarray, path: Path) -> np.ndarray:
+    sigmas = values.astype(np.float64) if np.issubdtype(values.dtype, np.number) else None
+    if (sigmas is None or sigmas.ndim != 1 or not sigmas.size or not np.isfinite(sigmas).all()
+            or (sigmas <= 0).any() or (np.diff(sigmas) <= 0).any()):
+        raise UserError(f"counts file {path}: sigmas must be finite, positive and ascending, "
+                        f"got {values.tolist()}")
+    return sigmas
+
+
+def _meta(value: np.ndarray, path: Path) -> dict:
+    try:
+        meta = json.loads(str(value))
+    except json.JSONDecodeError as err:
+        raise UserError(f"counts file {path}: meta is not JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"counts file {path}: meta is not a JSON object")
+    return meta
 
 
 def _check_shapes(counts: Counts, path: Path) -> None:

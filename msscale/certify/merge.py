@@ -1,8 +1,9 @@
 """Merge the shards of a certification run into counts.npz, refusing anything inconsistent.
 
 Every shard must be present exactly once, written by the same configuration (seed, n0, n,
-scales, schedule, model and data fingerprints), and for every image the shards' selection
-and estimation blocks must cover each stream exactly once. Any violation is a UserError
+scales, schedule, model and data fingerprints), hold exactly the images planned for it, and
+for every image the shards' selection and estimation blocks must cover each stream exactly
+once. Any violation is a UserError
 naming the file; nothing is written then.
 """
 
@@ -14,11 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from msscale.certify.counts import Counts, load_counts, save_counts
-from msscale.certify.plan import progress_path, shard_files, shard_path
+from msscale.certify.plan import image_positions, progress_path, shard_files, shard_path
 from msscale.errors import UserError
 from msscale.smoothing.sampling import block_sizes
 
 PER_SHARD_KEYS = ("shard", "select_blocks", "estimate_blocks")
+#: What the merge reads from every shard's metadata (docs/design.md §3.2).
+NEEDED_KEYS = ("n0", "n", "noise_block", "alpha", "p0", "skip", "images", "sample_splits",
+               *PER_SHARD_KEYS, "shards")
 
 
 def find_shards(out: str | Path) -> dict[int, Path]:
@@ -57,6 +61,11 @@ def merge_shards(out: str | Path) -> Counts:
     """Load, validate and combine every shard of the run at `out` (no file is written)."""
     shards = find_shards(out)
     loaded = {i: load_counts(p) for i, p in shards.items()}
+    for i, counts in loaded.items():
+        missing = [key for key in NEEDED_KEYS if key not in counts.meta]
+        if missing:
+            raise UserError(f"{shards[i]}: its metadata lacks {missing} (written by another "
+                            "msscale version?): certify that shard again")
     reference = _common_meta(loaded[0].meta)
     for i, counts in loaded.items():
         if counts.meta.get("shard") != i or counts.meta.get("shards") != len(shards):
@@ -77,7 +86,29 @@ def merge_shards(out: str | Path) -> Counts:
             raise UserError(
                 f"{shards[i]} is not from the same run as {shards[0].name}: {what}"
             )
+        _check_planned(counts, shards[i])
     return _combine(loaded, shards, reference)
+
+
+def _check_planned(counts: Counts, path: Path) -> None:
+    """A shard must hold exactly the images planned for it (certify/plan.py), each once:
+    a shard that lost images would otherwise merge into a run with fewer images."""
+    meta = counts.meta
+    positions = image_positions(meta["images"], meta["shard"], meta["shards"],
+                                meta["sample_splits"])
+    planned = positions * meta["skip"]  # the run addresses images 0, skip, 2*skip, ...
+    held = counts.index
+    if len(np.unique(held)) != len(held):
+        raise UserError(f"{path} holds some images twice")
+    lacking = np.setdiff1d(planned, held)
+    if len(lacking):
+        raise UserError(
+            f"{path} lacks {len(lacking)} of the {len(planned)} images planned for it "
+            f"(first: image {lacking[0]}): certify that shard again"
+        )
+    extra = np.setdiff1d(held, planned)
+    if len(extra):
+        raise UserError(f"{path} holds image {extra[0]}, which is not planned for it")
 
 
 def _combine(loaded: dict[int, Counts], shards: dict[int, Path], meta: dict) -> Counts:

@@ -40,15 +40,21 @@ def progress_path(out: str | Path, shard_id: int, num_shards: int) -> Path:
     return Path(out) / "counts" / f"{shard_name(shard_id, num_shards)}.progress.npz"
 
 
+def image_positions(num_images: int, shard_id: int, num_shards: int, sample_splits: int):
+    """Positions, among the run's `num_images` addressed images, of task `shard_id`'s images
+    (the merge recomputes them to check that every shard holds all of its images)."""
+    group = shard_id // sample_splits
+    return np.array_split(np.arange(num_images), num_shards // sample_splits)[group]
+
+
 def plan_shard(cfg: dict, num_images: int, shard_id: int, num_shards: int, sample_splits: int):
     """(image positions, {stream: block range}) owned by task `shard_id` of `num_shards`."""
     if num_shards % sample_splits:
         raise UserError(f"{num_shards} shards do not divide into {sample_splits} sample splits")
     if sample_splits > 1 and cfg["smoothing"]["schedule"] != "full":
         raise UserError("sample splits need smoothing.schedule=full (a cascade decides per image)")
-    groups = num_shards // sample_splits
-    group, split = divmod(shard_id, sample_splits)
-    positions = np.array_split(np.arange(num_images), groups)[group]
+    split = shard_id % sample_splits
+    positions = image_positions(num_images, shard_id, num_shards, sample_splits)
     n_blocks = len(block_sizes(cfg["smoothing"]["n"], cfg["smoothing"]["noise_block"]))
     if sample_splits > n_blocks:
         raise UserError(f"{sample_splits} sample splits but only {n_blocks} estimation blocks")

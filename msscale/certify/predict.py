@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from msscale.atomic import atomic_write_text
+from msscale.errors import UserError
 from msscale.smoothing.sampling import PREDICT, block_sizes, count_votes, plan_blocks
 from msscale.smoothing.stats import cascade_predict, cohen_predict
 
@@ -40,20 +41,25 @@ def predict_votes(cfg: dict, model, index: list[int], images: torch.Tensor, n: i
 
 def run_predict(cfg: dict, n: int) -> dict:
     """Predict every addressed image; writes <out>/predict.tsv and <out>/predict.json."""
+    from msscale.certify.shard import stack_images
     from msscale.data.dataset import chunks, open_dataset, select_indices
     from msscale.models.loading import build_smoothed_model, resolve_device
+    from msscale.paths import output_dir
     from msscale.smoothing.schedules import fit_to_denoiser
 
-    out, smoothing = Path(cfg["out"]), cfg["smoothing"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--n must be a positive number of draws, got {n!r}")
+    out, smoothing = output_dir(cfg["out"], "out"), cfg["smoothing"]
     dataset = open_dataset(cfg["data"]["shards"])
     indices = select_indices(dataset.count, cfg["data"]["skip"], cfg["data"]["max_images"])
+    dataset.verify(indices)
     model = build_smoothed_model(cfg, resolve_device(cfg["device"]))
     device = next(model.parameters()).device
     rows = []
     with tqdm(total=len(indices), desc="predict", unit="img", disable=None) as bar:
         for chunk in chunks(dataset.iter_images(indices), smoothing["flush_every"]):
             index, images, labels = zip(*chunk, strict=True)
-            images = fit_to_denoiser(torch.stack(images).to(device), model)
+            images = fit_to_denoiser(stack_images(images, model, device).to(device), model)
             for i, label, votes in zip(index, labels, predict_votes(cfg, model, list(index),
                                                                     images, n), strict=True):
                 cascade, stage = cascade_predict(votes, smoothing["p0"])

@@ -18,6 +18,8 @@ from msscale.smoothing.stats import certify_table, floor_decimals
 log = logging.getLogger(__name__)
 
 RADIUS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+#: The files write_results writes (and tb/): none may be the counts they are made from.
+REPORT_FILES = ("certify.tsv", "summary.json", "report.md", "certified_accuracy.png")
 TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\tstage\tsigma"
 
 
@@ -54,6 +56,10 @@ def select_scales(counts: Counts, sigmas: list[float] | None) -> list[int]:
 
 def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Certificates:
     """The cascade certificate (docs/design.md §1.2) over `sigmas` (default: all), from counts."""
+    if not len(counts.index):  # every summary would be a mean over nothing: NaN
+        raise UserError("the counts hold no images: there is nothing to certify")
+    if sigmas is not None and not sigmas:
+        raise UserError("no scales given: name at least one sigma")
     columns = select_scales(counts, sigmas)
     try:  # the statistics check their arguments; here those come from a user
         predict, radius, stage = certify_table(
@@ -71,6 +77,15 @@ def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Cert
         full_stage.astype(np.int64),
         counts.sigmas,
     )
+
+
+def level(counts: Counts, key: str, given: float | None) -> float:
+    """`alpha` or `p0`: the one given on the command line, else the counts' own."""
+    if given is not None:
+        return given
+    if key not in counts.meta:
+        raise UserError(f"the counts' metadata has no {key}: pass --{key}")
+    return counts.meta[key]
 
 
 def write_tsv(certs: Certificates, path: str | Path) -> None:

@@ -9,6 +9,7 @@ without redrawing or double-counting a sample.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from msscale.smoothing.sampling import (
     ESTIMATE,
     SELECT,
 )
-from msscale.smoothing.schedules import VoteSampler
+from msscale.smoothing.schedules import VoteSampler, fit_to_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams) 
         "p0": smoothing["p0"],
         "skip": cfg["data"]["skip"],
         "max_images": cfg["data"]["max_images"],
+        "images": fingerprints["images"],  # how many the run addresses: the merge's plan
         "model": fingerprints["model"],
         "data": fingerprints["data"],
         # the same draws give the same votes only with the same arithmetic
@@ -68,8 +70,28 @@ def _resume(path: Path, meta: dict, sigmas, num_classes: int) -> Counts:
     return counts
 
 
-def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: int = 1) -> Path:
-    """Certification sampling of one shard; writes and returns <out>/counts/<shard>.npz."""
+def stack_images(images, model, device) -> torch.Tensor:
+    """Images [3,H,W] as one batch on `device`. Images of several sizes are each resized to
+    the UNet's sample size first (what VoteSampler does to a batch), as one tensor cannot
+    hold them otherwise; a UNet without a sample size cannot take them."""
+    if len({tuple(image.shape) for image in images}) == 1:
+        return torch.stack(images)  # the usual case: resized as a batch, on the device
+    if model.denoiser.unet.config.sample_size is None:
+        sizes = sorted({tuple(image.shape[1:]) for image in images})
+        raise UserError(f"the images have several sizes ({sizes[0]}, {sizes[1]}, ...) and the "
+                        "UNet has no sample_size to resize them to: make the shards with "
+                        "--image-size")
+    return torch.cat([fit_to_denoiser(image[None].to(device), model) for image in images])
+
+
+def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: int = 1,
+              started: Callable[[], None] | None = None) -> Path:
+    """Certification sampling of one shard; writes and returns <out>/counts/<shard>.npz.
+
+    The data shards this task reads are checked against their recorded sha256 first;
+    `started` is called once data and models are loaded, before the first draw (the run has
+    then started for real: `msscale certify` records its config there).
+    """
     from msscale.data.dataset import open_dataset, select_indices
     from msscale.models.loading import (
         build_smoothed_model,
@@ -86,9 +108,11 @@ def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: 
     dataset = open_dataset(cfg["data"]["shards"])
     indices = select_indices(dataset.count, cfg["data"]["skip"], cfg["data"]["max_images"])
     positions, streams = plan_shard(cfg, len(indices), shard_id, num_shards, sample_splits)
+    dataset.verify([indices[p] for p in positions])  # once per task, before any draw
     device = resolve_device(cfg["device"])
     fingerprints = {
-        "model": model_fingerprint(cfg), "data": dataset.fingerprint(), "device": device.type
+        "model": model_fingerprint(cfg), "data": dataset.fingerprint(), "device": device.type,
+        "images": len(indices),
     }
     meta = shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams)
     num_classes = cfg["classifier"]["num_classes"]
@@ -97,6 +121,8 @@ def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: 
     )
     todo = [indices[p] for p in positions[len(counts.index) :]]
     model = prepare_for_inference(build_smoothed_model(cfg, device), cfg)
+    if started is not None:
+        started()
     sampler = VoteSampler(cfg, model, streams, device)
     with tqdm(
         total=len(positions),
@@ -107,7 +133,7 @@ def run_shard(cfg: dict, shard_id: int = 0, num_shards: int = 1, sample_splits: 
     ) as bar:
         for chunk in chunks(dataset.iter_images(todo), cfg["smoothing"]["flush_every"]):
             index, images, labels = zip(*chunk, strict=True)
-            select, estimate = sampler.votes(list(index), torch.stack(images))
+            select, estimate = sampler.votes(list(index), stack_images(images, model, device))
             counts.append(index, labels, select, estimate)
             save_counts(counts, progress_path(out, shard_id, num_shards))
             bar.update(len(index))
