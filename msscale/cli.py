@@ -23,7 +23,9 @@ def _add_cfg(parser: argparse.ArgumentParser, required: bool = True) -> None:
 def cmd_make_shards(args) -> None:
     from msscale.data.shards import make_shards
 
-    image_size = args.image_size or (16 if args.source == "digits" else None)
+    image_size = args.image_size
+    if image_size is None and args.source == "digits":
+        image_size = 16  # --image-size 0 stays 0, and is refused
     info = make_shards(
         args.source,
         args.out,

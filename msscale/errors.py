@@ -18,9 +18,10 @@ class UserError(Exception):
 
 
 #: OS errors that come from the user's machine, not from a bug: a full disk or quota, a
-#: read-only file system, a missing permission, a name too long.
+#: read-only file system, a missing permission, a name too long, a directory where a file
+#: is to be written (or the reverse).
 USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-               errno.ENAMETOOLONG)
+               errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR)
 
 
 def os_error_line(err: OSError) -> str:

@@ -417,6 +417,8 @@ def run_array(cfg: dict, cluster: str, shards: int, sample_splits: int = 1,
     cluster = resolve_cluster(cluster)
     if shards < 1 or sample_splits < 1:
         raise UserError("--shards and --sample-splits must be at least 1")
+    if parallelism is not None and parallelism < 1:  # no task would ever start: a hang
+        raise UserError(f"--array-parallelism must be at least 1, got {parallelism}")
     if not wait and cluster != "slurm":
         raise UserError(f"--no-wait needs --cluster slurm: {cluster} shards run only while "
                         "this command waits")

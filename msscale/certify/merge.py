@@ -62,10 +62,7 @@ def merge_shards(out: str | Path) -> Counts:
     shards = find_shards(out)
     loaded = {i: load_counts(p) for i, p in shards.items()}
     for i, counts in loaded.items():
-        missing = [key for key in NEEDED_KEYS if key not in counts.meta]
-        if missing:
-            raise UserError(f"{shards[i]}: its metadata lacks {missing} (written by another "
-                            "msscale version?): certify that shard again")
+        _check_needed_meta(counts.meta, shards[i])
     reference = _common_meta(loaded[0].meta)
     for i, counts in loaded.items():
         if counts.meta.get("shard") != i or counts.meta.get("shards") != len(shards):
@@ -88,6 +85,29 @@ def merge_shards(out: str | Path) -> Counts:
             )
         _check_planned(counts, shards[i])
     return _combine(loaded, shards, reference)
+
+
+def _check_needed_meta(meta: dict, path: Path) -> None:
+    """The metadata the merge computes with is there and of the right kind."""
+    missing = [key for key in NEEDED_KEYS if key not in meta]
+    if missing:
+        raise UserError(f"{path}: its metadata lacks {missing} (written by another msscale "
+                        "version?): certify that shard again")
+    least = {"n0": 1, "n": 1, "noise_block": 1, "skip": 1, "shards": 1, "sample_splits": 1,
+             "images": 0, "shard": 0}
+    for key, low in least.items():
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"{path}: metadata {key} is {value!r}, expected an integer >= {low}")
+    if meta["shards"] % meta["sample_splits"]:
+        raise UserError(f"{path}: metadata shards {meta['shards']} do not divide into "
+                        f"sample_splits {meta['sample_splits']}")
+    for key in ("select_blocks", "estimate_blocks"):
+        span = meta[key]
+        if not (isinstance(span, list) and len(span) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0
+                        for b in span)):
+            raise UserError(f"{path}: metadata {key} is {span!r}, expected [start, stop]")
 
 
 def _check_planned(counts: Counts, path: Path) -> None:
