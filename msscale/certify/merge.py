@@ -3,8 +3,7 @@
 Every shard must be present exactly once, written by the same configuration (seed, n0, n,
 scales, schedule, model and data fingerprints), hold exactly the images planned for it, and
 for every image the shards' selection and estimation blocks must cover each stream exactly
-once. Any violation is a UserError
-naming the file; nothing is written then.
+once. Any violation is a UserError naming the file; nothing is written then.
 """
 
 from __future__ import annotations
