@@ -20,6 +20,9 @@ from msscale.smoothing.denoise import Classifier, DenoiseAndClassify, OneShotDen
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# msscale's own facts about a denoiser directory that diffusers' files cannot hold; written
+# by `msscale import-denoiser` (msscale/models/openai_import.py), optional otherwise.
+DENOISER_META = "msscale_denoiser.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,13 +74,44 @@ def load_unet(path: str | Path):
         raise UserError(f"denoiser.path {path}: cannot load the UNet: {err}") from None
 
 
+def denoiser_meta(path: str | Path) -> dict:
+    """<path>/msscale_denoiser.json, checked; {"timestep_scale": 1.0} where there is none.
+
+    `timestep_scale`: the UNet's input timestep is the scheduler's times this factor
+    (improved-diffusion models trained with rescale_timesteps: 1000 / steps).
+    """
+    file = Path(path) / DENOISER_META
+    if not file.is_file():
+        return {"timestep_scale": 1.0}
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{file} is not valid JSON: {err}") from None
+    scale = meta.get("timestep_scale", 1.0) if isinstance(meta, dict) else None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise UserError(f"{file}: timestep_scale must be a positive number, got {scale!r}")
+    return {**meta, "timestep_scale": float(scale)}
+
+
+def alphas_cumprod_of(scheduler) -> torch.Tensor:
+    """The scheduler's alphas_cumprod; from its trained_betas in float64 where it has them.
+
+    diffusers accumulates the product in float32, which drifts by about 1e-5 relative over
+    4000 cosine steps; the float64 product of the stored betas is exact to float32 rounding.
+    """
+    trained = scheduler.config.get("trained_betas")
+    if trained is None:
+        return torch.as_tensor(scheduler.alphas_cumprod)
+    return torch.cumprod(1 - torch.tensor(trained, dtype=torch.float64), dim=0)
+
+
 def load_denoiser(path: str | Path) -> OneShotDenoiser:
     """A one-shot denoiser from a diffusers directory: UNet weights plus scheduler/."""
     unet = load_unet(path)
     scheduler = load_scheduler(path)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod)
-    return OneShotDenoiser(unet.eval(), alphas_cumprod, prediction_type)
+    scale = denoiser_meta(path)["timestep_scale"]
+    return OneShotDenoiser(unet.eval(), alphas_cumprod_of(scheduler), prediction_type, scale)
 
 
 def _read_state_dict(checkpoint: Path) -> dict:

@@ -51,25 +51,40 @@ def x0_from_model_output(
 class OneShotDenoiser(nn.Module):
     """D_sigma: noisy image in pixel scale -> denoised image in [0,1], one UNet pass.
 
-    The timestep is passed per sample, so one batch may mix noise scales.
+    The timestep is passed per sample, so one batch may mix noise scales. The UNet sees it
+    multiplied by `timestep_scale`: models trained with rescaled timesteps (improved-DDPM's
+    t * 1000 / 4000) record that factor beside their weights (msscale/models/loading.py).
     """
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str):
+    def __init__(
+        self,
+        unet: nn.Module,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str,
+        timestep_scale: float = 1.0,
+    ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise UserError(f"scheduler prediction_type {prediction_type!r} is not supported")
         self.unet = unet
         self.prediction_type = prediction_type
+        self.timestep_scale = float(timestep_scale)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
 
     def timestep(self, sigma: float) -> int:
         return timestep_for_sigma(self.alphas_cumprod, sigma)
 
+    def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet is given for scheduler timesteps (integers unless rescaled)."""
+        if self.timestep_scale == 1.0:
+            return timesteps
+        return timesteps.float() * self.timestep_scale
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """noisy = x + sigma*delta (pixel scale), timesteps [B] from `timestep(sigma)`."""
         abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(noisy.dtype)
         x_t = abar.sqrt() * (2 * noisy - 1)
-        output = self.unet(x_t, timesteps).sample
+        output = self.unet(x_t, self.model_timesteps(timesteps)).sample
         x0 = x0_from_model_output(output, x_t, abar, self.prediction_type)
         return (x0.clamp(-1, 1) + 1) / 2
 
