@@ -40,7 +40,7 @@ if os.environ.get("MSSCALE_TEST_NO_SHM_OP"):
 
 original_finish = train.finish
 
-def finish(accelerator, unet, ema, noise_scheduler, out):
+def finish(accelerator, unet, ema, noise_scheduler, out, *args):
     rank = accelerator.process_index
     state = {k: v.detach().float().cpu().contiguous()
              for k, v in accelerator.unwrap_model(unet).state_dict().items()}
@@ -51,7 +51,7 @@ def finish(accelerator, unet, ema, noise_scheduler, out):
         "num_processes": accelerator.num_processes,
         "zero_stage": plugin.zero_stage if plugin is not None else None,
     }))
-    return original_finish(accelerator, unet, ema, noise_scheduler, out)
+    return original_finish(accelerator, unet, ema, noise_scheduler, out, *args)
 
 train.finish = finish
 sys.exit(main(sys.argv[1:]))

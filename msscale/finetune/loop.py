@@ -259,6 +259,7 @@ class Scales:
 def calibration_forward(
     unet, classifier, images, labels, *, scales: Scales, alphas_cumprod, prediction_type: str,
     draws: int, lambda_ac: float, lambda_dm: float, generator: torch.Generator,
+    timestep_scale: float = 1.0,
 ):
     """One micro-batch of DESIGN.md §1's loss; returns (CalibrationLoss, scale index [B]).
 
@@ -286,7 +287,10 @@ def calibration_forward(
     abar_dm = alphas_cumprod[t_dm].view(-1, 1, 1, 1)
     x_dm = abar_dm.sqrt() * x0 + (1 - abar_dm).sqrt() * noise
 
-    output = unet(torch.cat([x_cal, x_dm]), torch.cat([t_cal, t_dm])).sample
+    t_model = torch.cat([t_cal, t_dm])  # the UNet's timestep input (msscale/models/loading.py)
+    if timestep_scale != 1.0:
+        t_model = t_model.float() * timestep_scale
+    output = unet(torch.cat([x_cal, x_dm]), t_model).sample
     out_cal, out_dm = output[: draws * batch], output[draws * batch:]
     x0_hat = x0_from_model_output(out_cal, x_cal, abar_cal.to(out_cal.dtype), prediction_type)
     denoised = (x0_hat.clamp(-1, 1) + 1) / 2
@@ -491,7 +495,7 @@ def _clean_partial(accelerator, out: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
+def export_final(unet_config, ema, noise_scheduler, out: Path, meta: dict | None = None) -> Path:
     """The EMA UNet + scheduler/ under <out>/final (via a temporary directory and rename)."""
     from diffusers import UNet2DModel
 
@@ -501,7 +505,7 @@ def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
     ema.copy_to(model.parameters())
     final, tmp = out / FINAL, out / f".{FINAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_denoiser(model.float(), noise_scheduler, tmp)
+    save_denoiser(model.float(), noise_scheduler, tmp, meta)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -528,7 +532,13 @@ def train(cfg: dict) -> Path:
     from tqdm.auto import tqdm
 
     from msscale.data.dataset import open_dataset
-    from msscale.models.loading import build_classifier, load_scheduler, load_unet
+    from msscale.models.loading import (
+        alphas_cumprod_of,
+        build_classifier,
+        denoiser_meta,
+        load_scheduler,
+        load_unet,
+    )
     from msscale.smoothing.denoise import OneShotDenoiser
 
     out, train_cfg, cal = Path(cfg["out"]), cfg["train"], cfg["calibration"]
@@ -557,6 +567,7 @@ def train(cfg: dict) -> Path:
     unet = load_unet(cfg["denoiser"]["path"])
     noise_scheduler = load_scheduler(cfg["denoiser"]["path"])
     prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
+    meta = denoiser_meta(cfg["denoiser"]["path"])  # timestep_scale; exported with final/
     classifier = build_classifier(cfg["classifier"]).requires_grad_(False).eval()
     if train_cfg["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
@@ -574,7 +585,7 @@ def train(cfg: dict) -> Path:
     device = accelerator.device
     classifier.to(device)
     ema.to(device)
-    alphas = torch.as_tensor(noise_scheduler.alphas_cumprod, dtype=torch.float32).to(device)
+    alphas = alphas_cumprod_of(noise_scheduler).float().to(device)
     scales = Scales.build(cal, alphas.cpu(), device)
     register_hooks(accelerator, ema, zero3)
 
@@ -596,7 +607,7 @@ def train(cfg: dict) -> Path:
         # purge_step drops events a killed run logged after its last checkpoint.
         writer = SummaryWriter(str(out / TB), purge_step=state.step or None)
     bf16 = accelerator.mixed_precision == "bf16"
-    denoiser = OneShotDenoiser(unet, alphas, prediction_type)
+    denoiser = OneShotDenoiser(unet, alphas, prediction_type, meta["timestep_scale"])
     window = _Window(len(scales.sigmas), device)
     progress = tqdm(total=train_cfg["max_steps"], initial=state.step, disable=not main,
                     desc="finetune", dynamic_ncols=True)
@@ -614,7 +625,8 @@ def train(cfg: dict) -> Path:
                             unet, classifier, images, labels, scales=scales,
                             alphas_cumprod=alphas, prediction_type=prediction_type,
                             draws=cal["draws"], lambda_ac=cal["lambda_ac"],
-                            lambda_dm=cal["lambda_dm"], generator=generator)
+                            lambda_dm=cal["lambda_dm"], generator=generator,
+                            timestep_scale=meta["timestep_scale"])
                     finite = torch.isfinite(parts.total.detach()).float().view(1)
                     bad = bool(accelerator.reduce(1 - finite, reduction="sum") > 0)
                     bad_window |= bad
@@ -670,13 +682,13 @@ def train(cfg: dict) -> Path:
         if writer is not None:
             writer.close()
 
-    return finish(accelerator, unet, ema, noise_scheduler, out)
+    return finish(accelerator, unet, ema, noise_scheduler, out, meta)
 
 
-def finish(accelerator, unet, ema, noise_scheduler, out: Path) -> Path:
+def finish(accelerator, unet, ema, noise_scheduler, out: Path, meta: dict | None = None) -> Path:
     """Export the EMA UNet on the main process, wait for every rank, end the run."""
     if accelerator.is_main_process:
-        export_final(accelerator.unwrap_model(unet).config, ema, noise_scheduler, out)
+        export_final(accelerator.unwrap_model(unet).config, ema, noise_scheduler, out, meta)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / FINAL

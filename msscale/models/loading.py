@@ -210,8 +210,11 @@ def model_fingerprint(cfg: dict) -> str:
     return digest.hexdigest()
 
 
-def save_denoiser(unet, scheduler, path: str | Path) -> None:
-    """Write a denoiser directory that load_denoiser reads: UNet at the top, scheduler/."""
+def save_denoiser(unet, scheduler, path: str | Path, meta: dict | None = None) -> None:
+    """Write a denoiser directory that load_denoiser reads: UNet at the top, scheduler/,
+    and msscale_denoiser.json where `meta` is given (see denoiser_meta)."""
     path = Path(path)
     unet.save_pretrained(path)
     scheduler.save_pretrained(path / "scheduler")
+    if meta is not None:
+        (path / DENOISER_META).write_text(json.dumps(meta, indent=2) + "\n")
