@@ -45,14 +45,17 @@ SLURM = {
     "array_parallelism": Key(int, 256, min=1),
 }
 
-CLASSIFIER = {
-    "name": Key(str, help="timm model name"),
-    "checkpoint": Key(str, None, nullable=True, help="local weights file; null = random init"),
+CLASSIFIER = {  # msscale/models/classifiers.py
+    "source": Key(str, "timm", choices=("timm", "transformers")),
+    "name": Key(str, help="timm model name; transformers: a directory or hub id"),
+    "pretrained": Key(bool, False, help="timm: timm's pretrained weights (Hugging Face cache)"),
+    "checkpoint": Key(str, None, nullable=True, help="timm: local weights file"),
     "num_classes": Key(int, min=2),
-    "input_size": Key(int, None, nullable=True, min=1, help="default: the timm config"),
+    "input_size": Key(int, None, nullable=True, min=1, help="default: the model's config"),
+    "interpolation": Key(str, None, nullable=True, choices=("bilinear", "bicubic", "nearest")),
     "mean": Key(list, None, nullable=True, item_type=float),
     "std": Key(list, None, nullable=True, item_type=float),
-    "kwargs": Key(dict, {}, help="extra timm.create_model arguments"),
+    "kwargs": Key(dict, {}, help="extra timm.create_model / from_pretrained arguments"),
 }
 
 CERTIFY_SCHEMA = {
@@ -64,7 +67,12 @@ CERTIFY_SCHEMA = {
     ),
     "channels_last": Key(bool, True, help="run the models in channels_last memory format"),
     "compile": Key(bool, False, help="torch.compile the models (slow start, faster sampling)"),
-    "denoiser": {"path": Key(str)},
+    "denoiser": {
+        "path": Key(str, help="diffusers directory or hub id"),
+        "fit": Key(str, "resize", choices=("resize", "pad"),
+                   help="images of another size than the UNet's: resize them, or reflect-pad "
+                   "the noisy image to the UNet's size and crop the denoised one back"),
+    },
     "classifier": CLASSIFIER,
     "data": {
         "shards": Key(str, help="brace-expanded WebDataset URL or a dataset.json"),

@@ -1,7 +1,8 @@
-"""Loading the two models: a diffusers denoiser directory and a timm classifier + local weights.
+"""Loading the two models: a diffusers denoiser and the classifier (msscale/models/classifiers.py).
 
-Nothing is downloaded: timm models are built with pretrained=False and weights come from a
-local file (safetensors, or a pickle loaded with weights_only=True).
+A denoiser is a diffusers directory (UNet2DModel + scheduler) or a hub id, resolved to its
+cached snapshot (msscale/models/hub.py); classifiers may be timm or transformers models.
+Local weights are read as safetensors, or as pickles with weights_only=True.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import torch
 
 from msscale.atomic import sha256_file
 from msscale.errors import UserError
-from msscale.smoothing.denoise import Classifier, DenoiseAndClassify, OneShotDenoiser
+from msscale.models.classifiers import build_classifier, classifier_files
+from msscale.models.hub import resolve_dir
+from msscale.smoothing.denoise import DenoiseAndClassify, OneShotDenoiser
+
+__all__ = ["build_classifier", "build_smoothed_model", "load_denoiser", "model_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +46,28 @@ def _unet_dir(path: Path) -> Path:
     return path
 
 
+def denoiser_root(path: str | Path) -> Path:
+    """denoiser.path as a local directory: itself, or a hub id's cached snapshot."""
+    return resolve_dir(str(path), "denoiser.path")
+
+
 def load_scheduler(path: str | Path):
-    """The diffusers scheduler saved under <path>/scheduler (any class with alphas_cumprod)."""
+    """The diffusers scheduler under <path>/scheduler (any class with alphas_cumprod); a hub
+    pipeline that keeps scheduler_config.json beside the UNet's config works too."""
     import diffusers
 
-    config_file = Path(path) / "scheduler" / "scheduler_config.json"
+    root = denoiser_root(path)
+    folder = root / "scheduler"
+    if not (folder / "scheduler_config.json").is_file():
+        folder = root  # the google/ddpm-* layout: UNet and scheduler configs side by side
+    config_file = folder / "scheduler_config.json"
     if not config_file.is_file():
         raise UserError(f"denoiser {path} has no scheduler/scheduler_config.json")
     class_name = json.loads(config_file.read_text()).get("_class_name", "DDPMScheduler")
     scheduler_class = getattr(diffusers, class_name, None)
     if scheduler_class is None:
         raise UserError(f"denoiser {path}: unknown scheduler class {class_name!r}")
-    scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
+    scheduler = scheduler_class.from_pretrained(folder)
     if not hasattr(scheduler, "alphas_cumprod"):
         raise UserError(f"denoiser {path}: scheduler {class_name} has no alphas_cumprod")
     return scheduler
@@ -62,10 +77,7 @@ def load_unet(path: str | Path):
     """The UNet2DModel saved by diffusers' save_pretrained at `path` (or `path`/unet)."""
     from diffusers import UNet2DModel
 
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"denoiser.path {path} is not a directory")
-    unet_dir = _unet_dir(path)
+    unet_dir = _unet_dir(denoiser_root(path))
     if not (unet_dir / "config.json").is_file():
         raise UserError(f"denoiser.path {path} holds no UNet config.json (save_pretrained output)")
     try:
@@ -80,7 +92,7 @@ def denoiser_meta(path: str | Path) -> dict:
     `timestep_scale`: the UNet's input timestep is the scheduler's times this factor
     (improved-diffusion models trained with rescale_timesteps: 1000 / steps).
     """
-    file = Path(path) / DENOISER_META
+    file = denoiser_root(path) / DENOISER_META
     if not file.is_file():
         return {"timestep_scale": 1.0}
     try:
@@ -105,79 +117,21 @@ def alphas_cumprod_of(scheduler) -> torch.Tensor:
     return torch.cumprod(1 - torch.tensor(trained, dtype=torch.float64), dim=0)
 
 
-def load_denoiser(path: str | Path) -> OneShotDenoiser:
+def load_denoiser(path: str | Path, fit: str = "resize") -> OneShotDenoiser:
     """A one-shot denoiser from a diffusers directory: UNet weights plus scheduler/."""
     unet = load_unet(path)
     scheduler = load_scheduler(path)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
     scale = denoiser_meta(path)["timestep_scale"]
-    return OneShotDenoiser(unet.eval(), alphas_cumprod_of(scheduler), prediction_type, scale)
-
-
-def _read_state_dict(checkpoint: Path) -> dict:
-    if not checkpoint.is_file():
-        raise UserError(f"classifier.checkpoint {checkpoint} does not exist")
-    if checkpoint.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(checkpoint)
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # a bad pickle can raise almost anything
-        raise UserError(f"classifier.checkpoint {checkpoint} cannot be read: {err}") from None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return state
-
-
-def _head_classes(model, state: dict) -> int | None:
-    head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    weight = state.get(f"{head}.weight") if head else None
-    return None if weight is None else int(weight.shape[0])
-
-
-def build_classifier(cfg: dict) -> Classifier:
-    """A timm classifier from the config's `classifier` section (see DESIGN.md §3)."""
-    import timm
-
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # a random-init classifier is the same in every process
-            model = timm.create_model(
-                cfg["name"], pretrained=False, num_classes=cfg["num_classes"], **cfg["kwargs"]
-            )
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise UserError(f"classifier.name {cfg['name']!r}: cannot build it: {err}") from None
-    if cfg["checkpoint"] is not None:
-        state = _read_state_dict(Path(cfg["checkpoint"]))
-        found = _head_classes(model, state)
-        if found is not None and found != cfg["num_classes"]:
-            raise UserError(
-                f"classifier.checkpoint {cfg['checkpoint']} has {found} classes "
-                f"but classifier.num_classes is {cfg['num_classes']}"
-            )
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
-            raise UserError(
-                f"classifier.checkpoint {cfg['checkpoint']} does not fit {cfg['name']}: {first}"
-            ) from None
-    else:
-        log.warning("classifier.checkpoint is null: %s has random weights", cfg["name"])
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    input_size = cfg["input_size"] or data_cfg["input_size"][-1]
-    mean = cfg["mean"] or list(data_cfg["mean"])
-    std = cfg["std"] or list(data_cfg["std"])
-    return Classifier(model.eval(), input_size, mean, std)
+    return OneShotDenoiser(
+        unet.eval(), alphas_cumprod_of(scheduler), prediction_type, scale, fit=fit
+    )
 
 
 def build_smoothed_model(cfg: dict, device: torch.device) -> DenoiseAndClassify:
     """Denoiser + classifier of a certify config, frozen, on `device`."""
-    model = DenoiseAndClassify(
-        load_denoiser(cfg["denoiser"]["path"]), build_classifier(cfg["classifier"])
-    )
+    denoiser = load_denoiser(cfg["denoiser"]["path"], cfg["denoiser"].get("fit", "resize"))
+    model = DenoiseAndClassify(denoiser, build_classifier(cfg["classifier"]))
     model.requires_grad_(False)
     return model.eval().to(device)
 
@@ -194,7 +148,7 @@ def prepare_for_inference(model: DenoiseAndClassify, cfg: dict) -> DenoiseAndCla
 def model_fingerprint(cfg: dict) -> str:
     """sha256 over the denoiser's files and the classifier's name and weights."""
     digest = hashlib.sha256()
-    root = Path(cfg["denoiser"]["path"])
+    root = denoiser_root(cfg["denoiser"]["path"])
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         if file.suffix in WEIGHT_SUFFIXES or file.suffix == ".json":
             digest.update(str(file.relative_to(root)).encode())
@@ -205,8 +159,8 @@ def model_fingerprint(cfg: dict) -> str:
             {k: v for k, v in classifier.items() if k != "checkpoint"}, sort_keys=True
         ).encode()
     )
-    if classifier["checkpoint"] is not None:
-        digest.update(sha256_file(classifier["checkpoint"]).encode())
+    for file in classifier_files(classifier):  # checkpoint, timm's pretrained file, HF dir
+        digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 
