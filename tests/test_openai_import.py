@@ -12,6 +12,7 @@ minutes on 2 CPU cores) is opt-in: `MSSCALE_FULL_SIZE=1 pytest tests/test_openai
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -50,6 +51,7 @@ REDUCED = {
     ],
     "iddpm-cifar10-uncond": ["num_channels=32"],
 }
+log = logging.getLogger(__name__)
 SIGMAS = (0.25, 0.5, 1.0)
 TOLERANCE = 1e-4  # fp32, relative to the output's largest magnitude (at least 1)
 
@@ -103,6 +105,7 @@ def import_via_cli(tmp_path, arch, overrides, state=None, model=None) -> tuple[i
 def assert_agrees(out: torch.Tensor, ref: torch.Tensor) -> float:
     scale = max(1.0, ref.abs().max().item())
     error = (out - ref).abs().max().item()
+    log.info("max error %.3g at output scale %.3g (relative %.3g)", error, scale, error / scale)
     assert error <= TOLERANCE * scale, f"max error {error:.3g} at output scale {scale:.3g}"
     return error / scale
 
