@@ -175,6 +175,25 @@ def cmd_finetune(args) -> None:
     finetune(args)
 
 
+def cmd_import_denoiser(args) -> None:
+    from msscale.models.openai_import import import_denoiser
+
+    import_denoiser(args.checkpoint, args.arch, args.override, args.out)
+
+
+def _add_import_denoiser(sub) -> None:
+    from msscale.models.openai_unet import PRESETS
+
+    p = sub.add_parser("import-denoiser", help="an OpenAI guided/improved-diffusion checkpoint "
+                       "-> a denoiser directory for denoiser.path")
+    p.add_argument("checkpoint", help="the .pt state dict, e.g. 256x256_diffusion_uncond.pt")
+    p.add_argument("--arch", required=True, choices=sorted(PRESETS), help="the published model")
+    p.add_argument("--override", action="append", default=[], metavar="FLAG=VALUE",
+                   help="a guided-diffusion model flag, e.g. num_channels=128 (repeatable)")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    p.set_defaults(func=cmd_import_denoiser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msscale", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -256,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-demo-models", help="retrain the demo's UNet and classifier")
     p.add_argument("--out", default=None, help="default: the package's assets/demo")
     p.set_defaults(func=cmd_train_demo_models)
+
+    _add_import_denoiser(sub)
     return parser
 
 

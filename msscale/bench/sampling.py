@@ -191,10 +191,14 @@ def timed(fn, device: torch.device) -> tuple[float, int | None, object]:
 
 def flops_per_sample(model, image: torch.Tensor, timestep: int) -> int:
     """FLOPs of one model pass (denoiser + classifier) on one noisy image."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     timesteps = torch.full((1,), timestep, device=image.device)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    # the counter has no formula for the CPU flash-attention kernel; the math backend's
+    # matmuls it counts, on every device
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), \
+            sdpa_kernel(SDPBackend.MATH):
         model(image[None], timesteps)
     return int(counter.get_total_flops())
 

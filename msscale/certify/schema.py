@@ -25,7 +25,12 @@ CERTIFY_SCHEMA = {
     ),
     "channels_last": Key(bool, True, help="run the models in channels_last memory format"),
     "compile": Key(bool, False, help="torch.compile the models (slow start, faster sampling)"),
-    "denoiser": {"path": Key(str, check=nonempty)},
+    "denoiser": {
+        "path": Key(str, help="diffusers directory or hub id", check=nonempty),
+        "fit": Key(str, "resize", choices=("resize", "pad"),
+                   help="images of another size than the UNet's: resize them, or reflect-pad "
+                   "the noisy image to the UNet's size and crop the denoised one back"),
+    },
     "classifier": CLASSIFIER,
     "data": {
         "shards": Key(

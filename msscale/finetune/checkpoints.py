@@ -153,7 +153,7 @@ def check_finite(unet, noise_scheduler, final: Path) -> None:
                         "is not finite (the training diverged)")
 
 
-def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
+def export_final(unet_config, ema, noise_scheduler, out: Path, meta: dict | None = None) -> Path:
     """The EMA UNet + scheduler/ under <out>/final (via a temporary directory and rename),
     after check_finite."""
     from diffusers import UNet2DModel
@@ -165,7 +165,7 @@ def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
     check_finite(model.float(), noise_scheduler, out / FINAL)
     final, tmp = out / FINAL, out / f".{FINAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_denoiser(model.float(), noise_scheduler, tmp)
+    save_denoiser(model.float(), noise_scheduler, tmp, meta)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -109,6 +109,7 @@ class Trainee:
     alphas: torch.Tensor  # alphas_cumprod on the device
     scales: Scales
     prediction_type: str
+    meta: dict  # the denoiser directory's msscale_denoiser.json (timestep_scale), for final/
     bf16: bool
 
 
@@ -129,13 +130,20 @@ def build_trainee(cfg: dict, accelerator) -> Trainee:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from msscale.models.loading import build_classifier, load_scheduler, load_unet
+    from msscale.models.loading import (
+        alphas_cumprod_of,
+        build_classifier,
+        denoiser_meta,
+        load_scheduler,
+        load_unet,
+    )
     from msscale.smoothing.denoise import OneShotDenoiser
 
     train_cfg, zero3 = cfg["train"], is_zero3(accelerator)
     unet = load_unet(cfg["denoiser"]["path"])
     noise_scheduler = load_scheduler(cfg["denoiser"]["path"])
     prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
+    meta = denoiser_meta(cfg["denoiser"]["path"])
     classifier = build_classifier(cfg["classifier"]).requires_grad_(False).eval()
     if train_cfg["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
@@ -153,13 +161,14 @@ def build_trainee(cfg: dict, accelerator) -> Trainee:
     device = accelerator.device
     classifier.to(device)
     ema.to(device)
-    alphas = torch.as_tensor(noise_scheduler.alphas_cumprod, dtype=torch.float32).to(device)
+    alphas = alphas_cumprod_of(noise_scheduler).float().to(device)
     register_hooks(accelerator, ema, zero3)
     return Trainee(
-        unet=unet, classifier=classifier, denoiser=OneShotDenoiser(unet, alphas, prediction_type),
+        unet=unet, classifier=classifier,
+        denoiser=OneShotDenoiser(unet, alphas, prediction_type, meta["timestep_scale"]),
         ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler,
         alphas=alphas, scales=Scales.build(cfg["calibration"], alphas.cpu(), device),
-        prediction_type=prediction_type, bf16=accelerator.mixed_precision == "bf16",
+        prediction_type=prediction_type, meta=meta, bf16=accelerator.mixed_precision == "bf16",
     )
 
 
@@ -221,7 +230,7 @@ def optimizer_step(accelerator, run: Trainee, stream, window, state, cfg: dict):
                     run.unet, run.classifier, images, labels, scales=run.scales,
                     alphas_cumprod=run.alphas, prediction_type=run.prediction_type,
                     draws=cal["draws"], lambda_ac=cal["lambda_ac"], lambda_dm=cal["lambda_dm"],
-                    generator=generator)
+                    generator=generator, timestep_scale=run.meta["timestep_scale"])
             finite = torch.isfinite(parts.total.detach()).float().view(1)
             bad = bool(accelerator.reduce(1 - finite, reduction="sum") > 0)
             bad_window |= bad
@@ -273,7 +282,8 @@ def evaluate_now(accelerator, run: Trainee, cfg: dict, writer, step: int, batch:
 def finish(accelerator, run: Trainee, out: Path) -> Path:
     """Export the EMA UNet on the main process, wait for every rank, end the run."""
     if accelerator.is_main_process:
-        export_final(accelerator.unwrap_model(run.unet).config, run.ema, run.noise_scheduler, out)
+        export_final(accelerator.unwrap_model(run.unet).config, run.ema, run.noise_scheduler, out,
+                     run.meta)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / FINAL

@@ -32,6 +32,7 @@ class Scales:
 def calibration_forward(
     unet, classifier, images, labels, *, scales: Scales, alphas_cumprod, prediction_type: str,
     draws: int, lambda_ac: float, lambda_dm: float, generator: torch.Generator,
+    timestep_scale: float = 1.0,
 ):
     """One micro-batch of the calibration loss (docs/design.md §1.4): (loss parts, scale [B]).
 
@@ -59,7 +60,10 @@ def calibration_forward(
     abar_dm = alphas_cumprod[t_dm].view(-1, 1, 1, 1)
     x_dm = abar_dm.sqrt() * x0 + (1 - abar_dm).sqrt() * noise
 
-    output = unet(torch.cat([x_cal, x_dm]), torch.cat([t_cal, t_dm])).sample
+    t_model = torch.cat([t_cal, t_dm])  # the UNet's timestep input (msscale/models/loading.py)
+    if timestep_scale != 1.0:
+        t_model = t_model.float() * timestep_scale
+    output = unet(torch.cat([x_cal, x_dm]), t_model).sample
     out_cal, out_dm = output[: draws * batch], output[draws * batch:]
     denoised = denoised_image(out_cal, x_cal, abar_cal.to(out_cal.dtype), prediction_type)
     logits = classifier(denoised).view(draws, batch, -1)

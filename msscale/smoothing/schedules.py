@@ -15,7 +15,12 @@ from msscale.smoothing.stats import clopper_pearson_upper
 
 
 def fit_to_denoiser(images: torch.Tensor, model) -> torch.Tensor:
-    """Resize images [B,3,H,W] to the UNet's sample size, if it has one and they differ."""
+    """Resize images [B,3,H,W] to the UNet's sample size, if it has one and they differ.
+
+    With denoiser.fit=pad they stay as they are: the denoiser pads the noisy image itself.
+    """
+    if getattr(model.denoiser, "fit", "resize") == "pad":
+        return images
     size = model.denoiser.unet.config.sample_size
     if size is None:
         return images
