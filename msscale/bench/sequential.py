@@ -22,8 +22,12 @@ import numpy as np
 
 from msscale.certify.counts import Counts
 from msscale.errors import UserError
-from msscale.smoothing.sequential import SequentialRule, run_sequential
-from msscale.smoothing.stats import certify_table, floor_decimals
+from msscale.smoothing.sequential import (
+    SequentialRule,
+    certify_sequential_table,
+    run_sequential,
+)
+from msscale.smoothing.stats import floor_decimals
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +93,12 @@ def simulate(probs: np.ndarray, label: np.ndarray, rule: SequentialRule, n0: int
     labels = np.tile(np.asarray(label, np.int64), replicates)
     draws = PairedDraws(rows, n0, rule.looks, seed)
     log.info("simulating n=%d over %d images x %d replicates", rule.n, num_images, replicates)
-    predict, radius, stage = certify_table(draws.selection, draws.total(), rule.sigmas,
-                                           rule.alpha, rule.p0)
+    # The fixed-n cascade, as the one-look sequential certificate (the same numbers as
+    # stats.certify_table, vectorised over images).
+    fixed_n = replace(rule, looks=(rule.n,), weights=(1.0,))
+    used = np.full((len(rows), num_scales), rule.n)
+    predict, radius, stage = certify_sequential_table(draws.selection, draws.total(), used,
+                                                      fixed_n)
     reached = np.where(stage >= 0, num_scales - stage, num_scales)
     schedules = {
         "full": _figures(np.full(len(rows), num_scales * (n0 + rule.n)), predict, radius,
