@@ -286,6 +286,10 @@ def test_used_must_be_a_look_and_match_the_votes():
         certify_sequential(select, [[0, 100], [5, 90]], [100, 100], rule)
     with pytest.raises(UserError, match="row 0"):
         certify_sequential_table([select], [[[0, 0], [5, 95]]], [[0, 100]], rule)
+    with pytest.raises(UserError, match="not sampled"):  # estimation votes, no selection
+        certify_sequential([[0, 0], [10, 0]], [[0, 100], [5, 95]], [100, 100], rule)
+    with pytest.raises(UserError, match="shape|must be"):
+        certify_sequential_table([select], [[[0, 100], [5, 95]]], [[100, 100, 100]], rule)
 
 
 # ============================================================================================

@@ -152,9 +152,16 @@ def _cap(estimate: np.ndarray, used: np.ndarray, c_hat: int, scale: int, stage: 
 # --------------------------------------------------------------------------------------------
 
 
-def _check_used(estimate: np.ndarray, used: np.ndarray, rows: np.ndarray, scale: int,
-                rule: SequentialRule) -> np.ndarray:
-    """Look indices of these rows at `scale`; a UserError unless each used a look in full."""
+def _check_used(select: np.ndarray, estimate: np.ndarray, used: np.ndarray, rows: np.ndarray,
+                scale: int, rule: SequentialRule) -> np.ndarray:
+    """Look indices of these rows at `scale`; a UserError unless each has selection votes and
+    used a look of the schedule in full."""
+    unselected = select[rows, scale].sum(axis=1) == 0
+    if np.any(unselected):
+        raise UserError(
+            f"image at row {int(rows[np.flatnonzero(unselected)[0]])}: the cascade reached "
+            f"scale index {scale} (sigma={rule.sigmas[scale]:g}) but it was not sampled"
+        )
     draws = used[rows, scale]
     looks = np.asarray(rule.looks)
     index = np.searchsorted(looks, draws)
@@ -175,9 +182,9 @@ def _check_used(estimate: np.ndarray, used: np.ndarray, rows: np.ndarray, scale:
     return index
 
 
-def _stage_outcome(c_hat, estimate, used, rows, scale, stage, rule):
+def _stage_outcome(select, c_hat, estimate, used, rows, scale, stage, rule):
     """(decision [rows], lower bound [rows]) of the rows at `stage`, each at its own look."""
-    look = _check_used(estimate, used, rows, scale, rule)
+    look = _check_used(select, estimate, used, rows, scale, rule)
     decision = np.empty(len(rows), np.int64)
     lower = np.empty(len(rows), np.float64)
     for at in np.unique(look):
@@ -214,7 +221,8 @@ def certify_sequential_table(select, estimate, used, rule: SequentialRule):
             break
         scale = num_scales - 1 - stage
         c_hat[active] = np.argmax(select[active, scale], axis=1)
-        decision, lower = _stage_outcome(c_hat, estimate, used, active, scale, stage, rule)
+        decision, lower = _stage_outcome(select, c_hat, estimate, used, active, scale, stage,
+                                         rule)
         ends = active[decision != DEFER]
         stage_of[ends] = scale
         own = _own_term(lower, rule.sigmas[scale], rule.p0)
