@@ -17,7 +17,6 @@ import pytest
 from scipy.stats import binom, norm
 from test_stats import ref_cp_lower, ref_cp_upper, ref_pb_high, ref_top
 
-from msscale.errors import UserError
 from msscale.smoothing.sequential import (
     SequentialRule,
     certify_sequential,
@@ -221,14 +220,14 @@ def test_look_weights_spend_the_level_once():
 def test_rule_rejects_bad_settings(change):
     settings = {"sigmas": (0.25, 0.5), "alpha": 0.01, "p0": 0.5, "looks": (100, 200),
                 "weights": (0.5, 0.5), "radius_tolerance": 0.05, **change}
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         SequentialRule(**settings)
 
 
 @pytest.mark.parametrize("args", [(0, 10, 10, 2.0), (10, 0, 10, 2.0), (10, 10, 0, 2.0),
                                   (10, 10, 10, 1.0), (10.5, 10, 10, 2.0)])
 def test_look_schedule_rejects_bad_settings(args):
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         look_schedule(*args)
 
 
@@ -278,17 +277,17 @@ def test_a_later_look_spends_its_own_share_of_the_level():
 def test_used_must_be_a_look_and_match_the_votes():
     rule = SequentialRule((0.25, 0.5), 0.01, 0.5, (100, 200), (0.5, 0.5))
     select = [[0, 10], [10, 0]]
-    with pytest.raises(UserError, match="not sampled"):  # scale 1 defers into scale 0
+    with pytest.raises(ValueError, match="not sampled"):  # scale 1 defers into scale 0
         certify_sequential(select, [[0, 0], [5, 95]], [0, 100], rule)
-    with pytest.raises(UserError, match="looks"):
+    with pytest.raises(ValueError, match="looks"):
         certify_sequential(select, [[0, 150], [5, 145]], [150, 150], rule)
-    with pytest.raises(UserError, match="looks"):  # votes do not add up to the draws used
+    with pytest.raises(ValueError, match="looks"):  # votes do not add up to the draws used
         certify_sequential(select, [[0, 100], [5, 90]], [100, 100], rule)
-    with pytest.raises(UserError, match="row 0"):
+    with pytest.raises(ValueError, match="row 0"):
         certify_sequential_table([select], [[[0, 0], [5, 95]]], [[0, 100]], rule)
-    with pytest.raises(UserError, match="not sampled"):  # estimation votes, no selection
+    with pytest.raises(ValueError, match="not sampled"):  # estimation votes, no selection
         certify_sequential([[0, 0], [10, 0]], [[0, 100], [5, 95]], [100, 100], rule)
-    with pytest.raises(UserError, match="shape|must be"):
+    with pytest.raises(ValueError, match="shape|must be"):
         certify_sequential_table([select], [[[0, 100], [5, 95]]], [[100, 100, 100]], rule)
 
 

@@ -22,7 +22,6 @@ from typing import Protocol
 import numpy as np
 from scipy.stats import norm
 
-from msscale.errors import UserError
 from msscale.smoothing.stats import (
     ABSTAIN,
     _as_counts,
@@ -48,9 +47,9 @@ def look_schedule(n: int, noise_block: int, first_look: int, growth: float) -> t
     all ceil(n / noise_block) blocks, each look at least one block after the previous."""
     for name, value in (("n", n), ("noise_block", noise_block), ("first_look", first_look)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise UserError(f"{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(growth, bool) or not isinstance(growth, numbers.Real) or not growth > 1:
-        raise UserError(f"look_growth must be a number > 1, got {growth!r}")
+        raise ValueError(f"look_growth must be a number > 1, got {growth!r}")
     total = -(-n // noise_block)
     blocks = [min(total, -(-first_look // noise_block))]
     while blocks[-1] < total:
@@ -85,13 +84,13 @@ class SequentialRule:
         looks = tuple(int(v) for v in self.looks)
         weights = tuple(float(w) for w in self.weights)
         if not looks or looks[0] < 1 or np.any(np.diff(looks) <= 0):
-            raise UserError(f"looks must be strictly ascending positive draws, got {looks}")
+            raise ValueError(f"looks must be strictly ascending positive draws, got {looks}")
         if len(weights) != len(looks) or min(weights) <= 0 or abs(sum(weights) - 1) > 1e-9:
-            raise UserError(f"look weights must be {len(looks)} positive shares summing to 1, "
+            raise ValueError(f"look weights must be {len(looks)} positive shares summing to 1, "
                             f"got {weights}")
         tol = self.radius_tolerance
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
-            raise UserError(f"radius_tolerance must be a number >= 0, got {tol!r}")
+            raise ValueError(f"radius_tolerance must be a number >= 0, got {tol!r}")
         object.__setattr__(self, "looks", looks)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "radius_tolerance", float(tol))
@@ -154,11 +153,11 @@ def _cap(estimate: np.ndarray, used: np.ndarray, c_hat: int, scale: int, stage: 
 
 def _check_used(select: np.ndarray, estimate: np.ndarray, used: np.ndarray, rows: np.ndarray,
                 scale: int, rule: SequentialRule) -> np.ndarray:
-    """Look indices of these rows at `scale`; a UserError unless each has selection votes and
+    """Look indices of these rows at `scale`; a ValueError unless each has selection votes and
     used a look of the schedule in full."""
     unselected = select[rows, scale].sum(axis=1) == 0
     if np.any(unselected):
-        raise UserError(
+        raise ValueError(
             f"image at row {int(rows[np.flatnonzero(unselected)[0]])}: the cascade reached "
             f"scale index {scale} (sigma={rule.sigmas[scale]:g}) but it was not sampled"
         )
@@ -170,11 +169,11 @@ def _check_used(select: np.ndarray, estimate: np.ndarray, used: np.ndarray, rows
     if np.any(bad):
         row = int(rows[np.flatnonzero(bad)[0]])
         if draws[np.flatnonzero(bad)[0]] == 0:
-            raise UserError(
+            raise ValueError(
                 f"image at row {row}: the cascade reached scale index {scale} "
                 f"(sigma={rule.sigmas[scale]:g}) but it was not sampled"
             )
-        raise UserError(
+        raise ValueError(
             f"image at row {row}: scale index {scale} used {int(used[row, scale])} draws "
             f"and holds {int(estimate[row, scale].sum())} votes; both must equal one of the "
             f"looks {list(rule.looks)}"
@@ -207,10 +206,10 @@ def certify_sequential_table(select, estimate, used, rule: SequentialRule):
     used = _as_counts(used, "used", ndim=2)
     num_images, num_scales = select.shape[:2]
     if estimate.shape != select.shape or used.shape != (num_images, num_scales):
-        raise UserError(f"select {select.shape}, estimate {estimate.shape} and used "
+        raise ValueError(f"select {select.shape}, estimate {estimate.shape} and used "
                         f"{used.shape} must be [I, K, C], [I, K, C] and [I, K]")
     if num_scales != len(rule.sigmas):
-        raise UserError(f"counts have {num_scales} scales, the rule {len(rule.sigmas)}")
+        raise ValueError(f"counts have {num_scales} scales, the rule {len(rule.sigmas)}")
     predict = np.full(num_images, ABSTAIN, np.int64)
     radius = np.zeros(num_images, np.float64)
     stage_of = np.full(num_images, -1, np.int64)
