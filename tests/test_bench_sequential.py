@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -83,3 +85,19 @@ def test_run_simulation_reads_a_counts_file(tmp_path):
                              first_look=250, replicates=1)
     assert [r["n"] for r in results] == [1000, 2000]
     assert results[0]["alpha"] == 0.001 and results[0]["looks"] == [250, 500, 1000]
+
+
+def test_bench_sequential_command(tmp_path, capsys):
+    from msscale.cli import main
+
+    path = tmp_path / "counts.npz"
+    save_counts(fake_counts(8), path)
+    args = ["bench-sequential", str(path), "--n", "1000", "--n0", "20", "--noise-block", "250",
+            "--first-look", "250", "--replicates", "1"]
+    assert main([*args, "--tolerance", "0.02", "0.1"]) == 0
+    table = capsys.readouterr().out
+    assert "sequential tol=0.02" in table and "sequential tol=0.1" in table
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["n"] == 1000
+    assert main([*args, "--look-growth", "1.0"]) == 2
+    assert "look_growth" in capsys.readouterr().err

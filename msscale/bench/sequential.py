@@ -151,10 +151,17 @@ def run_simulation(counts_path, ns=(10_000, 100_000), tolerances=(0.02,), *, n0=
     probs = true_probabilities(counts, prior)
     alpha = counts.meta["alpha"] if alpha is None else alpha
     p0 = counts.meta["p0"] if p0 is None else p0
+    if min(n0, replicates) < 1 or not tolerances:
+        raise UserError("n0 and replicates must be at least 1, with at least one tolerance")
     results = []
     for n in ns:
-        rule = SequentialRule.from_settings(counts.sigmas, alpha, p0, n, noise_block,
-                                            first_look, look_growth, tolerances[0])
+        try:  # the settings come from a user here
+            rule = SequentialRule.from_settings(counts.sigmas, alpha, p0, n, noise_block,
+                                                first_look, look_growth, tolerances[0])
+            for tol in tolerances:
+                replace(rule, radius_tolerance=tol)
+        except ValueError as err:
+            raise UserError(f"cannot simulate n={n}: {err}") from None
         result = simulate(probs, counts.label, rule, n0, tuple(tolerances), replicates, seed)
         results.append({**result, "counts": str(counts_path), "prior": prior})
     return results
