@@ -117,10 +117,13 @@ class Ref:
             t_reach = (-math.inf if up_reach >= 1
                        else self.sigmas[k] * (self.z_p0 - norm.ppf(up_reach)))
             return self.gain(t_reach, t_now) < self.tol, decision, "defer-early"
-        k_proj = min(n, math.ceil(x_c * n / n_l))
-        lo_p = ref_cp_lower(k_proj, n, self.level(s, last))
-        hi_p = ref_cp_upper(k_proj, n, self.level(s, last))
-        return lo_p < self.p0 <= hi_p, decision, "abstain-futile"
+        for m in range(look + 1, len(self.looks)):
+            n_m, a = self.looks[m], self.level(s, m)
+            if ref_cp_lower(x_c + n_m - n_l, n_m, a) >= self.p0:
+                return False, decision, "undecidable-continue"
+            if s < len(self.sigmas) - 1 and ref_cp_upper(x_c, n_m, a) < self.p0:
+                return False, decision, "undecidable-continue"
+        return True, decision, "abstain-futile"
 
     def run(self, select, stream):
         """Stop on a stream [K, L, C] of per-look votes; returns (certificate, used, whys)."""
@@ -351,7 +354,7 @@ def test_images_stop_independently_of_each_other():
             np.testing.assert_array_equal(getattr(alone, key)[0], getattr(together, key)[i])
     # The rule did stop early: fewer draws than the cascade's n per reached scale.
     reached = (together.used > 0).sum(axis=1)
-    assert together.used.sum() < 0.6 * rule.n * reached.sum()
+    assert together.used.sum() < 0.8 * rule.n * reached.sum()
 
 
 def test_tolerance_zero_goes_on_while_the_radius_can_grow():

@@ -319,11 +319,17 @@ def _deferring_stops(others, scale, stage, look, rule) -> np.ndarray:
 
 
 def _undecidable_stops(hits, stage, look, rule) -> np.ndarray:
-    """Abstain now if even n draws at the current share would leave p0 inside the bounds."""
-    n = rule.n
-    lower, upper = _bounds(_projected(hits, rule.looks[look], n, up=True), n,
-                           rule.level(stage, len(rule.looks) - 1))
-    return (lower < rule.p0) & (rule.p0 <= upper)
+    """Abstain now iff no later look can decide, whatever its draws: not certify even if every
+    remaining draw votes c_hat, nor defer (where a later stage follows) even if none does."""
+    n_look = rule.looks[look]
+    decidable = np.zeros(len(hits), bool)
+    for later in range(look + 1, len(rule.looks)):
+        draws, level = rule.looks[later], rule.level(stage, later)
+        best = clopper_pearson_lower(hits + (draws - n_look), draws, level)
+        decidable |= np.atleast_1d(best) >= rule.p0
+        if stage < len(rule.sigmas) - 1:  # at the smallest scale deferring is abstaining
+            decidable |= np.atleast_1d(clopper_pearson_upper(hits, draws, level)) < rule.p0
+    return ~decidable
 
 
 def _look(select, estimate, used, rows, scale, stage, look, rule, caps):
