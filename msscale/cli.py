@@ -148,6 +148,21 @@ def cmd_bench(args) -> None:
     sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else format_report(result))
 
 
+def cmd_bench_sequential(args) -> None:
+    import json
+
+    from msscale.bench.sequential import format_simulation, run_simulation
+
+    results = run_simulation(
+        args.counts, ns=args.n, tolerances=args.tolerance, n0=args.n0, alpha=args.alpha,
+        p0=args.p0, noise_block=args.noise_block, first_look=args.first_look,
+        look_growth=args.look_growth, prior=args.prior, replicates=args.replicates,
+        seed=args.seed,
+    )
+    sys.stdout.write(json.dumps(results, indent=2) + "\n" if args.json
+                     else format_simulation(results))
+
+
 def cmd_predict(args) -> None:
     from msscale.certify.predict import run_predict
     from msscale.certify.schema import load_certify_config
@@ -255,6 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: the config's device")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-sequential",
+        help="simulate full / cascade / sequential from a full run's counts (no model)",
+    )
+    p.add_argument("counts", help="counts.npz of a run with smoothing.schedule=full")
+    p.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000],
+                   help="estimation draws to simulate (default: 10000 100000)")
+    p.add_argument("--tolerance", type=float, nargs="+", default=[0.02],
+                   help="radius tolerances of the sequential rule, one row each")
+    p.add_argument("--n0", type=int, default=100, help="selection draws per scale")
+    p.add_argument("--alpha", type=float, help="default: the run's")
+    p.add_argument("--p0", type=float, help="default: the run's")
+    p.add_argument("--noise-block", type=int, default=1000, help="looks fall on its multiples")
+    p.add_argument("--first-look", type=int, default=1000)
+    p.add_argument("--look-growth", type=float, default=2.0)
+    p.add_argument("--prior", type=float, default=0.01,
+                   help="added to every class's votes before they become probabilities")
+    p.add_argument("--replicates", type=int, default=10, help="simulated runs over the images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_bench_sequential)
 
     p = sub.add_parser("predict", help="the cascade's prediction without a certificate")
     p.add_argument("--n", type=int, default=200, help="draws per image and scale")
