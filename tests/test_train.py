@@ -34,9 +34,10 @@ from msscale.finetune.job import main
 
 if os.environ.get("MSSCALE_TEST_NO_SHM_OP"):
     # DeepSpeed's optional CPU shared-memory allreduce is JIT-compiled on first use
-    # (minutes on 2 cores); without it gloo carries every collective.
+    # (minutes on 2 cores); without it gloo carries every collective. The attribute
+    # `deepspeed.comm.torch` is the torch package itself: patch the module.
     import deepspeed.comm.torch
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 original_finish = train.finish
 
@@ -238,7 +239,7 @@ def test_nan_losses_are_skipped_counted_and_stop_the_run(assets, tmp_path, monke
     from msscale.finetune.loop import train
     from msscale.finetune.schema import load_finetune_config
 
-    real_loss = msscale.losses.calibration_loss
+    real_loss = msscale.finetune.losses.calibration_loss
     calls = []
 
     def sometimes_nan(*args, **kwargs):
