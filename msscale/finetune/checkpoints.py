@@ -23,6 +23,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # the one name the loop and the launcher agree on (see latest_checkpoint)
 FINAL = "final"
 TRAINER_STATE = "trainer_state.json"
+UNET_EMA = "unet_ema"
 
 
 
@@ -50,9 +51,18 @@ class TrainerState:
 
 
 def param_digest(model) -> str:
-    """A short fingerprint of a model's parameters (sum and sum of squares, float64)."""
+    """A short fingerprint of a model's parameters (sum and sum of squares, float64).
+
+    Under ZeRO-3 it is taken over the gathered fp32 master weights: a collective.
+    """
+    from msscale.finetune.zero3 import full_fp32_weights, partitioned_parameters
+
+    if partitioned_parameters(model):
+        params = full_fp32_weights(model).values()
+    else:
+        params = model.parameters()
     total = squares = 0.0
-    for param in model.parameters():
+    for param in params:
         values = param.detach().double()
         total += float(values.sum())
         squares += float((values**2).sum())
@@ -63,26 +73,23 @@ def register_hooks(accelerator, ema, zero3: bool) -> None:
     """save_state writes unet/ and unet_ema/ with save_pretrained; load_state reads them.
 
     Every rank runs the hooks (save_state must be called on every rank: under DeepSpeed it
-    is a collective); only the main process writes files. Under DeepSpeed the engine saves
-    and loads its own weights and passes no models to the load hook.
+    is a collective, and under ZeRO-3 so is gathering the EMA); only the main process writes
+    files. Under DeepSpeed the engine saves and loads its own weights and passes no models
+    to the load hook.
     """
     from diffusers import UNet2DModel
-    from diffusers.training_utils import EMAModel
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            if not zero3:  # ZeRO-3 weights are partitioned; its engine checkpoint holds them
-                for model in models:
-                    accelerator.unwrap_model(model).save_pretrained(
-                        os.path.join(output_dir, "unet"))
+        ema.save_pretrained(os.path.join(output_dir, UNET_EMA), accelerator.is_main_process)
+        if accelerator.is_main_process and not zero3:
+            # ZeRO-3 weights are partitioned; its engine checkpoint holds them.
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
         while weights:  # saved above: keep Accelerate from writing them a second time
             weights.pop()
 
     def load_hook(models, input_dir):
-        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
-        ema.load_state_dict(loaded.state_dict())
-        ema.to(accelerator.device)
+        ema.load_pretrained(os.path.join(input_dir, UNET_EMA))
         while models:  # DDP / one process: the weights come from unet/
             model = models.pop()
             weights = UNet2DModel.from_pretrained(os.path.join(input_dir, "unet"))
@@ -129,14 +136,10 @@ def clean_partial(accelerator, out: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
-    """The EMA UNet + scheduler/ under <out>/final (via a temporary directory and rename)."""
-    from diffusers import UNet2DModel
-
+def export_final(model, noise_scheduler, out: Path) -> Path:
+    """The EMA UNet `model` + scheduler/ under <out>/final (via a temporary directory)."""
     from msscale.models.loading import save_denoiser
 
-    model = UNet2DModel.from_config(unet_config)
-    ema.copy_to(model.parameters())
     final, tmp = out / FINAL, out / f".{FINAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_denoiser(model.float(), noise_scheduler, tmp)
@@ -145,3 +148,4 @@ def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
     os.replace(tmp, final)
     log.info("exported the EMA UNet to %s", final)
     return final
+
