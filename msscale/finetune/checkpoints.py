@@ -3,6 +3,8 @@
 A checkpoint is written into a temporary directory by every process, renamed into place by
 the main process, and only then named in `checkpoints/latest`, so `latest` always names a
 whole checkpoint. `final/` (the EMA UNet + scheduler/) is a certify config's denoiser.path.
+A ZeRO checkpoint resumed by another number of processes goes through DeepSpeed's universal
+checkpoint conversion (`universal_checkpoint`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +28,8 @@ LATEST = "latest"  # the one name the loop and the launcher agree on (see latest
 FINAL = "final"
 TRAINER_STATE = "trainer_state.json"
 UNET_EMA = "unet_ema"
+DEEPSPEED_STATE = "pytorch_model"  # Accelerate's folder for the DeepSpeed engine's checkpoint
+UNIVERSAL = "universal"
 
 
 
@@ -149,3 +155,54 @@ def export_final(model, noise_scheduler, out: Path) -> Path:
     log.info("exported the EMA UNet to %s", final)
     return final
 
+
+def saved_world_size(checkpoint: Path) -> int | None:
+    """How many processes wrote a checkpoint's DeepSpeed ZeRO state (one optimizer file each,
+    as DeepSpeed's zero_to_fp32 counts them); None for a checkpoint without one (DDP)."""
+    files = list((checkpoint / DEEPSPEED_STATE).glob("*optim_states.pt"))
+    return len(files) or None
+
+
+def universal_checkpoint(accelerator, checkpoint: Path) -> Path:
+    """`checkpoint` with its ZeRO state as a DeepSpeed universal checkpoint, which any number of
+    processes can load (with "checkpoint": {"load_universal": true} in the DeepSpeed config).
+
+    The main process runs DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal)
+    into `<checkpoint>/universal/pytorch_model`, beside links to the checkpoint's other files
+    (unet_ema/, the LR schedule, trainer_state.json), once; every rank waits for it.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    target = checkpoint / UNIVERSAL
+    error = None
+    if accelerator.is_main_process and not (target / DEEPSPEED_STATE).is_dir():
+        error = _convert_to_universal(checkpoint, target, accelerator.num_processes)
+    error = broadcast_object_list([error])[0]  # every rank stops, not only the main one
+    if error is not None:
+        raise UserError(error)
+    return target
+
+
+def _convert_to_universal(checkpoint: Path, target: Path, processes: int) -> str | None:
+    """Run ds_to_universal into a temporary folder, link the other files, rename; or an error."""
+    tmp = checkpoint / f".tmp-{UNIVERSAL}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(checkpoint / DEEPSPEED_STATE),
+               "--output_folder", str(tmp / DEEPSPEED_STATE),
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    log.info("converting %s to a universal checkpoint: %s", checkpoint, " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return (f"cannot load {checkpoint} (written by {saved_world_size(checkpoint)} processes) "
+                f"with {processes}: DeepSpeed's ds_to_universal failed ({last}); resume with "
+                f"{saved_world_size(checkpoint)} processes, or see docs/finetune_scale.md for "
+                f"the conversion by hand")
+    for entry in checkpoint.iterdir():
+        if entry.name not in (DEEPSPEED_STATE, UNIVERSAL, tmp.name):
+            (tmp / entry.name).symlink_to(Path("..") / entry.name)
+    os.replace(tmp, target)
+    log.info("universal checkpoint in %s", target)
+    return None

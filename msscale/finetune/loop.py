@@ -8,7 +8,8 @@ the EMA lives on the partitions (msscale/finetune/ema.py, docs/finetune_scale.md
 
 Resume is on by default: step count, optimizer, LR schedule and EMA come back from
 `<out>/checkpoints/latest`, and the data stream is seeded from the step, so it moves forward
-instead of repeating.
+instead of repeating. A ZeRO checkpoint written by another number of processes is converted
+to DeepSpeed's universal checkpoint first.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ from msscale.finetune.checkpoints import (
     param_digest,
     register_hooks,
     save_checkpoint,
+    saved_world_size,
+    universal_checkpoint,
 )
 from msscale.finetune.ema import PartitionedEMA, ReplicatedEMA
 from msscale.finetune.evaluate import TrainingWindow, evaluate, log_eval
@@ -57,13 +61,14 @@ def train(cfg: dict) -> Path:
 
     out, train_cfg = Path(cfg["out"]), cfg["train"]
     check_data(cfg)
-    accelerator = make_accelerator(cfg)
+    latest = latest_checkpoint(out) if train_cfg["resume"] else None
+    accelerator = make_accelerator(cfg, load_universal=other_world_size(cfg, latest))
     rank, world = accelerator.process_index, accelerator.num_processes
     micro_batch = per_device_batch(cfg, world)
     if not accelerator.is_main_process:
         logging.getLogger("msscale").setLevel(logging.WARNING)
     run = build_trainee(cfg, accelerator)
-    state, last_saved = resume(accelerator, run, out, train_cfg["resume"])
+    state, last_saved = resume(accelerator, run, out, latest)
     stream = TrainStream(cfg, micro_batch, rank, world)
     writer = open_writer(accelerator, out, state.step)
     window = TrainingWindow(len(run.scales.sigmas), accelerator.device)
@@ -178,13 +183,31 @@ def offloads_optimizer(accelerator) -> bool:
     return offload.get("device", "none") not in ("none", None)
 
 
-def resume(accelerator, run: Trainee, out: Path, enabled: bool):
-    """(TrainerState, last checkpoint or None): from `latest` when resuming, else fresh."""
+def other_world_size(cfg: dict, latest: Path | None) -> bool:
+    """Whether `latest` is a ZeRO checkpoint written by another number of processes than this
+    run has: then it is loaded as DeepSpeed's universal checkpoint (see resume)."""
+    if latest is None or cfg["deepspeed"]["config"] is None:
+        return False
+    saved = saved_world_size(latest)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved is not None and saved != world:
+        log.info("%s was written by %d processes, this run has %d: loading it as a universal "
+                 "checkpoint", latest, saved, world)
+        return True
+    return False
+
+
+def resume(accelerator, run: Trainee, out: Path, latest: Path | None):
+    """(TrainerState, last checkpoint or None): from `latest` when there is one, else fresh."""
     clean_partial(accelerator, out)
-    latest = latest_checkpoint(out) if enabled else None
     if latest is None:
         return TrainerState(), None
-    accelerator.load_state(str(latest))
+    source = latest
+    if accelerator.state.deepspeed_plugin is not None and (
+            accelerator.state.deepspeed_plugin.deepspeed_config.get("checkpoint", {})
+            .get("load_universal")):
+        source = universal_checkpoint(accelerator, latest)
+    accelerator.load_state(str(source))
     state = TrainerState(**json.loads((latest / TRAINER_STATE).read_text()))
     digest = param_digest(accelerator.unwrap_model(run.unet))  # a collective under ZeRO-3
     log.info("resumed from %s at step %d (parameter digest %s)", latest, state.step, digest)
