@@ -67,6 +67,7 @@ def train(cfg: dict) -> Path:
     micro_batch = per_device_batch(cfg, world)
     if not accelerator.is_main_process:
         logging.getLogger("msscale").setLevel(logging.WARNING)
+    log_run_shape(cfg, accelerator, micro_batch)
     run = build_trainee(cfg, accelerator)
     state, last_saved = resume(accelerator, run, out, latest)
     stream = TrainStream(cfg, micro_batch, rank, world)
@@ -212,6 +213,22 @@ def resume(accelerator, run: Trainee, out: Path, latest: Path | None):
     digest = param_digest(accelerator.unwrap_model(run.unet))  # a collective under ZeRO-3
     log.info("resumed from %s at step %d (parameter digest %s)", latest, state.step, digest)
     return state, latest
+
+
+def log_run_shape(cfg: dict, accelerator, micro_batch: int) -> None:
+    """The batch arithmetic and the schedule's unit, once at start (docs/finetune_scale.md)."""
+    train_cfg, world = cfg["train"], accelerator.num_processes
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = max(world // max(per_node, 1), 1)
+    draws = cfg["calibration"]["draws"]
+    log.info("global batch %d = %d node(s) x %d process(es) per node x %d image(s) per device x "
+             "%d accumulation step(s); each image makes %d UNet samples (M=%d draws + 1 for the "
+             "diffusion loss), %d per device per micro-batch", train_cfg["batch_size"], nodes,
+             per_node, micro_batch, train_cfg["grad_accum"], draws + 1, draws,
+             micro_batch * (draws + 1))
+    log.info("LR schedule %s in optimizer steps: %d warm-up of %d; one optimizer step = %d "
+             "images", train_cfg["lr_schedule"], train_cfg["warmup_steps"],
+             train_cfg["max_steps"], train_cfg["batch_size"])
 
 
 def open_writer(accelerator, out: Path, step: int):
