@@ -220,6 +220,8 @@ def run_configuration(cfg: dict, engine: str, procs: int, denoiser: Path, shards
                                 start_new_session=True)
         watch = watch_memory(proc, budget, bench["timeout_min"] * 60)
     ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
+    if watch["killed"]:
+        log.info("killed while the ranks were at: %s", sorted({r.get("phase") for r in ranks}))
     tail = (run_dir / "torchrun.log").read_text(errors="replace")[-3000:]
     entry = {"arch": cfg["arch"], "engine": engine, "label": LABELS[engine],
              "zero_stage": _zero_stage(ft), "offload": engine == "zero3_offload",
@@ -284,13 +286,17 @@ def summarize(ranks: list[dict], returncode: int, watch: dict, tail: str, ft: di
               procs: int) -> dict:
     """fits / did not fit / error, and the figures, from the ranks' reports and the watch."""
     ooms = [r["oom"] for r in ranks if r.get("oom")]
-    peak_rss = max((r["peak_rss_gb"] for r in ranks), default=None)
-    if peak_rss is None and watch["peak_per_process_gb"]:
-        peak_rss = watch["peak_per_process_gb"][0]  # the largest process: a rank, not torchrun
+    # A rank's own peak (getrusage); the watch's per-process peak covers a rank killed
+    # between two reports (the largest process is a rank, not torchrun).
+    peaks = [r["peak_rss_gb"] for r in ranks] + watch["peak_per_process_gb"][:1]
+    peak_rss = max(peaks, default=None)
+    setup = [r["setup_rss_gb"] for r in ranks if "setup_rss_gb" in r]
     gpu = [r["gpu_peak_gb"] for r in ranks if r.get("gpu_peak_gb") is not None]
     entry = {"peak_rss_gb_per_rank": None if peak_rss is None else round(peak_rss, 2),
+             "setup_rss_gb_per_rank": round(max(setup), 2) if setup else None,
              "peak_gpu_gb_per_rank": round(max(gpu), 2) if gpu else None,
              "parameters": next((r["parameters"] for r in ranks if "parameters" in r), None),
+             "reached": sorted({r.get("phase", "start") for r in ranks}),
              "step_seconds": None, "images_per_s": None, "images_per_s_per_device": None,
              "fits": None, "reason": None}
     if watch["killed"] and watch["killed"].startswith("went over"):
@@ -301,7 +307,7 @@ def summarize(ranks: list[dict], returncode: int, watch: dict, tail: str, ft: di
         entry.update(fits=False, reason="a rank was SIGKILLed (the kernel's OOM killer?)")
     elif watch["killed"]:
         entry.update(reason=watch["killed"])
-    elif returncode != 0 or len(ranks) != procs:
+    elif returncode != 0 or len(ranks) != procs or not all(r["done"] for r in ranks):
         entry.update(reason=f"failed (exit {returncode}): " + tail.strip()[-600:])
     else:
         seconds = statistics.median(ranks[0]["timed"])
@@ -323,7 +329,9 @@ def format_row(entry: dict) -> str:
                 f"{entry['step_seconds']:.1f} s/step, {entry['images_per_s']:.3g} images/s "
                 f"({entry['images_per_s_per_device']:.3g} per device)")
     verdict = "did not fit" if entry["fits"] is False else "error"
-    return f"{verdict}: {entry['reason']}"
+    setup = entry["setup_rss_gb_per_rank"]
+    held = f"; {setup:.2f} GB/rank after set-up" if setup is not None else ""
+    return f"{verdict}: {entry['reason']} (ranks at {', '.join(entry['reached'])}{held})"
 
 
 def format_report(result: dict) -> str:
@@ -336,17 +344,19 @@ def format_report(result: dict) -> str:
         f"{result['warmup_steps']} untimed + {result['steps']} timed step(s); "
         f"{result['cpus']} CPUs",
         "",
-        "| engine | parameters | peak RSS/rank (GB) | peak GPU/rank (GB) | s/step | images/s "
-        "(total) | images/s/device | fits | memory available / budget (GB) | load average |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | parameters | RSS/rank after set-up (GB) | peak RSS/rank (GB) | "
+        "peak GPU/rank (GB) | s/step | images/s (total) | images/s/device | fits | "
+        "memory available / budget (GB) | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         params = f"{run['parameters'] / 1e6:.1f}M" if run["parameters"] else "-"
         fits = {True: "yes", False: "no", None: "error"}[run["fits"]]
         if run["fits"] is not True:
-            fits += f" ({run['reason'][:120]})"
+            fits += f" ({run['reason'][:120]}; ranks at {', '.join(run['reached'])})"
         lines.append(
-            f"| {run['label']} | {params} | {_num(run['peak_rss_gb_per_rank'])} | "
+            f"| {run['label']} | {params} | {_num(run['setup_rss_gb_per_rank'])} | "
+            f"{_num(run['peak_rss_gb_per_rank'])} | "
             f"{_num(run['peak_gpu_gb_per_rank'])} | {_num(run['step_seconds'], 1)} | "
             f"{_num(run['images_per_s'], 4)} | {_num(run['images_per_s_per_device'], 4)} | "
             f"{fits} | {run['mem_available_gb']:.1f} / {run['mem_budget_gb']:.1f} | "
@@ -364,32 +374,54 @@ def _num(value, digits: int = 2) -> str:
 
 
 def worker(run_dir: Path) -> int:
-    """Run warm-up and timed steps of the fine-tuning loop; write rank<r>.json."""
+    """Run warm-up and timed steps of the fine-tuning loop, reporting into rank<r>.json as it
+    goes (a rank killed for memory leaves how far it got and what it held by then)."""
     limit = int(os.environ.get(RLIMIT_ENV, "0"))
     if limit:  # a backstop under the parent's watch: allocations past it fail, no OOM killer
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         logging.getLogger("msscale").setLevel(logging.WARNING)
-    report = {"rank": rank, "oom": None}
+    report = Report(run_dir / f"rank{rank}.json", rank=rank, oom=None, done=False)
     try:
         _steps(run_dir, report)
         code = 0
     except (torch.OutOfMemoryError, MemoryError) as err:
-        report["oom"], code = _first_line(err), 3
+        code = report.update(oom=_first_line(err)) or 3
     except RuntimeError as err:
         if not _is_oom(err):
             raise
-        report["oom"], code = _first_line(err), 3
-    report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
-    (run_dir / f"rank{rank}.json").write_text(json.dumps(report))
+        code = report.update(oom=_first_line(err)) or 3
     if code:
         sys.stderr.flush()
         os._exit(code)  # the other ranks wait in a collective: torchrun stops them
     return code
 
 
-def _steps(run_dir: Path, report: dict) -> None:
+class Report(dict):
+    """A rank's figures, rewritten to its file (atomically) at each update."""
+
+    def __init__(self, path: Path, **values):
+        super().__init__(values)
+        self.path = path
+        self.update()
+
+    def update(self, **values) -> None:
+        super().update(values)
+        self["rss_gb"] = _rss_gb()
+        self["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self))
+        os.replace(tmp, self.path)
+
+
+def _rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / GB
+
+
+def _steps(run_dir: Path, report: Report) -> None:
     from msscale.data.stream import TrainStream
     from msscale.finetune.accelerator import make_accelerator
     from msscale.finetune.checkpoints import TrainerState
@@ -399,6 +431,7 @@ def _steps(run_dir: Path, report: dict) -> None:
     from msscale.finetune.zero3 import partition_summary, partitioned_parameters
 
     cfg = load_finetune_config(run_dir / "finetune.yaml")
+    warmup = json.loads((run_dir / "bench.json").read_text())["warmup_steps"]
     accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
     run = build_trainee(cfg, accelerator)
@@ -407,12 +440,15 @@ def _steps(run_dir: Path, report: dict) -> None:
         share = partition_summary(module)
         report.update(parameters=share["parameters"], local_elements=share["local_elements"])
     else:
-        report["parameters"] = sum(p.numel() for p in module.parameters())
+        report.update(parameters=sum(p.numel() for p in module.parameters()))
+    # Weights, optimizer state, EMA, buffers: what the rank holds before the first step.
+    report.update(phase="set up", setup_rss_gb=_rss_gb())
     stream = TrainStream(cfg, per_device_batch(cfg, world), accelerator.process_index, world)
     window = TrainingWindow(len(run.scales.sigmas), accelerator.device)
     state, times = TrainerState(), []
     cuda = accelerator.device.type == "cuda"
     while state.step < cfg["train"]["max_steps"]:
+        report.update(phase=f"step {state.step + 1}")
         accelerator.wait_for_everyone()
         started = time.perf_counter()
         applied, _ = training_step(accelerator, run, stream, window, state, cfg)
@@ -423,9 +459,9 @@ def _steps(run_dir: Path, report: dict) -> None:
         if not applied:
             raise RuntimeError("bench-train: a step had a non-finite loss")
         log.info("step %d: %.2f s", state.step, times[-1])
-    warmup = json.loads((run_dir / "bench.json").read_text())["warmup_steps"]
-    report["step_seconds"], report["timed"] = times, times[warmup:]
-    report["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / GB if cuda else None
+        report.update(step_seconds=times)
+    report.update(phase="done", done=True, timed=times[warmup:],
+                  gpu_peak_gb=torch.cuda.max_memory_allocated() / GB if cuda else None)
 
 
 def _is_oom(err: BaseException) -> bool:
