@@ -247,9 +247,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def watch_memory(proc: subprocess.Popen, budget_gb: float, timeout_s: float) -> dict:
+def watch_memory(proc: subprocess.Popen, budget_gb: float, timeout_s: float,
+                 floor_gb: float = 0.5) -> dict:
     """Poll the resident memory of `proc`'s process tree until it ends; kill the whole group
-    when it goes over `budget_gb` or runs past `timeout_s`. Returns what happened."""
+    when it goes over `budget_gb`, when the machine has less than `floor_gb` left (others'
+    memory grew meanwhile), or when it runs past `timeout_s`. Returns what happened."""
     import psutil
 
     root = psutil.Process(proc.pid)
@@ -269,8 +271,12 @@ def watch_memory(proc: subprocess.Popen, budget_gb: float, timeout_s: float) -> 
             total += rss
             peaks[member.pid] = max(peaks.get(member.pid, 0.0), rss)
         peak_total = max(peak_total, total)
+        left = psutil.virtual_memory().available / GB
         if total > budget_gb:
             killed = f"went over the memory budget of {budget_gb:.1f} GB ({total:.1f} GB)"
+        elif left < floor_gb:
+            killed = (f"went over the memory the machine had left: {left:.1f} GB available "
+                      f"at {total:.1f} GB (other processes grew)")
         elif time.monotonic() > deadline:
             killed = f"timed out after {timeout_s / 60:.0f} min"
         if killed:
@@ -299,7 +305,7 @@ def summarize(ranks: list[dict], returncode: int, watch: dict, tail: str, ft: di
              "reached": sorted({r.get("phase", "start") for r in ranks}),
              "step_seconds": None, "images_per_s": None, "images_per_s_per_device": None,
              "fits": None, "reason": None}
-    if watch["killed"] and watch["killed"].startswith("went over"):
+    if watch["killed"] and watch["killed"].startswith("went over"):  # the budget or the machine
         entry.update(fits=False, reason=watch["killed"])
     elif ooms:
         entry.update(fits=False, reason=f"out of memory: {ooms[0]}")
@@ -379,6 +385,10 @@ def worker(run_dir: Path) -> int:
     limit = int(os.environ.get(RLIMIT_ENV, "0"))
     if limit:  # a backstop under the parent's watch: allocations past it fail, no OOM killer
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    try:  # should the kernel run out of memory all the same, it takes a rank, not a neighbour
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         logging.getLogger("msscale").setLevel(logging.WARNING)
