@@ -163,6 +163,15 @@ def cmd_bench_sequential(args) -> None:
                      else format_simulation(results))
 
 
+def cmd_bench_train(args) -> None:
+    import json
+
+    from msscale.bench.train import format_report, load_bench_train_config, run_bench_train
+
+    result = run_bench_train(load_bench_train_config(args.cfg, args.overrides))
+    sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else format_report(result))
+
+
 def cmd_predict(args) -> None:
     from msscale.certify.predict import run_predict
     from msscale.certify.schema import load_certify_config
@@ -292,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench_sequential)
+
+    p = sub.add_parser("bench-train", help="fine-tuning memory and speed per engine (DDP, ZeRO)")
+    _add_cfg(p)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("predict", help="the cascade's prediction without a certificate")
     p.add_argument("--n", type=int, default=200, help="draws per image and scale")

@@ -216,7 +216,6 @@ class RecordingUNet(nn.Module):
 
 def test_finetuning_rescales_timesteps_and_exports_the_scale(imported, tmp_path):
     """The calibration loop passes what the model was trained with, and final/ keeps it."""
-    from diffusers.training_utils import EMAModel
 
     from msscale.finetune.loop import Scales, calibration_forward, export_final
     from msscale.models.loading import denoiser_meta, load_scheduler
@@ -242,8 +241,7 @@ def test_finetuning_rescales_timesteps_and_exports_the_scale(imported, tmp_path)
     source = tmp_path / "source"
     make_tiny_models(source)
     meta = {"timestep_scale": denoiser.timestep_scale}
-    export_final(denoiser.unet.config, EMAModel(denoiser.unet.parameters()),
-                 load_scheduler(source / "denoiser"), tmp_path, meta)
+    export_final(denoiser.unet, load_scheduler(source / "denoiser"), tmp_path, meta)
     assert denoiser_meta(tmp_path / "final")["timestep_scale"] == denoiser.timestep_scale
 
 

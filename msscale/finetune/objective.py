@@ -71,10 +71,18 @@ def calibration_forward(
     return calibration_loss(logits, labels, dm, lambda_ac=lambda_ac, lambda_dm=lambda_dm), scale
 
 
-def null_loss(model) -> torch.Tensor:
+def null_loss(unet, images: torch.Tensor) -> torch.Tensor:
     """A zero loss whose gradient is zero for every parameter and that contains no NaN.
 
     It replaces a non-finite loss, so every rank still runs one backward per micro-batch
-    (DDP and DeepSpeed need that) while nothing is learned from the bad batch.
+    (DDP and DeepSpeed need that) while nothing is learned from the bad batch. Under ZeRO-3
+    a parameter is an empty tensor between uses (its slices live on the ranks), so there the
+    zero comes from a UNet call on one blank image, which gathers the parameters as usual.
     """
-    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    from msscale.finetune.zero3 import partitioned_parameters
+
+    if partitioned_parameters(unet):
+        blank = torch.zeros_like(images[:1])
+        timestep = torch.zeros(1, dtype=torch.long, device=images.device)
+        return unet(blank, timestep).sample.float().sum() * 0.0
+    return sum(p.sum() for p in unet.parameters() if p.requires_grad) * 0.0
