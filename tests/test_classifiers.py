@@ -249,7 +249,7 @@ def test_fit_pad_reflects_the_noisy_image_and_crops_the_result(tmp_path):
 
 def test_fit_pad_certifies_at_the_datas_resolution(tmp_path):
     """16 px digits, a 32 px UNet: the noise is drawn at 16 px, the UNet sees 32 px."""
-    from msscale.data.dataset import make_shards
+    from msscale.data.shards import make_shards
     from msscale.models.loading import build_smoothed_model
     from msscale.smoothing.schedules import fit_to_denoiser
 
@@ -276,7 +276,7 @@ def test_fit_pad_certifies_at_the_datas_resolution(tmp_path):
 
 
 def test_certify_with_a_transformers_classifier_and_its_fingerprint(tmp_path, tiny_vit):
-    from msscale.data.dataset import make_shards
+    from msscale.data.shards import make_shards
 
     sections = make_tiny_models(tmp_path / "models", image_size=16)
     make_shards("digits", tmp_path / "digits", split="test", image_size=16, shard_size=100)
