@@ -5,9 +5,10 @@ from the published flags, with seeded random weights everywhere (also in the out
 convolutions that guided-diffusion zero-initialises, and in every GroupNorm, so that a
 swapped or missing norm shows), saved with torch.save(state_dict) as OpenAI's files are,
 and imported through the command. The default tests use the exact topologies at reduced
-width (num_channels 32; see REDUCED). The full-size test (ADM-256: 553M parameters, a few
-minutes on 2 CPU cores) is opt-in: `MSSCALE_FULL_SIZE=1 pytest tests/test_openai_import.py`
-(tests/conftest.py deselects it otherwise, and pytest reports it as deselected).
+width (num_channels 32; see REDUCED). The full-size test (ADM-256: 553M parameters, 11 to 25
+minutes on 2 shared CPU cores, about 9 GB of memory) is opt-in:
+`MSSCALE_FULL_SIZE=1 pytest tests/test_openai_import.py -m fullsize` (tests/conftest.py
+deselects it otherwise, and pytest reports it as deselected).
 """
 
 from __future__ import annotations
