@@ -24,7 +24,6 @@ import logging
 import os
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -290,14 +289,27 @@ def watch_memory(proc: subprocess.Popen, budget_gb: float, timeout_s: float,
         elif time.monotonic() > deadline:
             killed = f"timed out after {timeout_s / 60:.0f} min"
         if killed:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill(members.values())
             proc.wait()
             break
         time.sleep(0.1)
-    # Only once every rank is gone is its memory back for the next configuration's budget.
-    psutil.wait_procs(list(members.values()), timeout=120)
+    # torchrun starts each rank in a session of its own: they are killed one by one, and the
+    # next configuration's budget is read only once every rank is gone.
+    _, alive = psutil.wait_procs(list(members.values()), timeout=60)
+    _kill(alive)
+    psutil.wait_procs(alive, timeout=60)
     return {"peak_total_gb": peak_total, "killed": killed,
             "peak_per_process_gb": sorted(peaks.values(), reverse=True)}
+
+
+def _kill(processes) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def summarize(ranks: list[dict], returncode: int, watch: dict, tail: str, ft: dict,
