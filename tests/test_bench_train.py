@@ -1,6 +1,7 @@
 """`msscale bench-train` on a tiny topology: real torchrun processes per configuration, the
-JSON it prints, and a configuration that does not fit its memory budget reported as such
-(measured, the bench carries on) rather than crashing the bench."""
+JSON it prints, a configuration that does not fit its memory budget reported as such
+(measured, the bench carries on) rather than crashing the bench, and no rank outliving a
+configuration the bench stopped."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -56,3 +58,16 @@ def test_configuration_over_its_memory_budget_did_not_fit(tmp_path):
         assert run["fits"] is False, run
         assert "memory" in run["reason"], run
         assert run["step_seconds"] is None
+
+
+def test_configuration_stopped_mid_training_leaves_no_rank_behind(tmp_path):
+    done, result = _bench(tmp_path, engines=["zero2"], warmup_steps=0, steps=10**6,
+                          timeout_min=1.0)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run,) = result["runs"]
+    assert run["fits"] is None and run["reason"].startswith("timed out"), run
+    assert any(phase.startswith("step ") for phase in run["reached"]), run
+    # torchrun starts each rank in a session of its own: none may outlive the bench.
+    left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+            if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"ranks left behind: {left}"

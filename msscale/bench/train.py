@@ -24,7 +24,6 @@ import logging
 import os
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from msscale.atomic import atomic_write_text
 from msscale.config import Key, load_config
 from msscale.errors import UserError
 from msscale.models.schema import CLASSIFIER
@@ -45,6 +45,7 @@ LABELS = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3",
           "zero3_offload": "ZeRO-3 + optimizer offload"}
 RLIMIT_ENV = "MSSCALE_BENCH_RLIMIT_DATA"
 GB = 1024**3
+MIN_BUDGET_GB = 1.0  # below this (from what is available) a configuration is not started
 
 BENCH_TRAIN_SCHEMA = {
     "seed": Key(int, 0, min=0),
@@ -102,9 +103,10 @@ def run_bench_train(cfg: dict) -> dict:
     cuda = torch.cuda.is_available()
     procs = cfg["bench"]["procs"] or (torch.cuda.device_count() if cuda else 2)
     denoiser, shards = prepare_assets(cfg, out)
-    runs = [run_configuration(cfg, engine, procs, denoiser, shards, out / engine)
-            for engine in cfg["bench"]["engines"]]
-    bench = cfg["bench"]
+    bench, runs = cfg["bench"], []
+    for engine in bench["engines"]:
+        runs.append(run_configuration(cfg, engine, procs, denoiser, shards, out / engine))
+        atomic_write_text(out / "runs.json", json.dumps(runs, indent=1) + "\n")  # kept as it goes
     return {
         "arch": cfg["arch"], "device": "cuda" if cuda else "cpu", "procs": procs,
         "per_device_batch": bench["per_device_batch"], "draws": cfg["calibration"]["draws"],
@@ -202,7 +204,7 @@ def run_configuration(cfg: dict, engine: str, procs: int, denoiser: Path, shards
     (run_dir / "finetune.yaml").write_text(yaml.safe_dump(ft))
     (run_dir / "bench.json").write_text(json.dumps({"warmup_steps": bench["warmup_steps"]}))
     available = mem_available_gb()
-    budget = bench["mem_budget_gb"] or max(available - bench["mem_reserve_gb"], 0.5)
+    budget = bench["mem_budget_gb"] or available - bench["mem_reserve_gb"]
     cuda = torch.cuda.is_available()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", RLIMIT_ENV: str(int(budget * GB)),
            "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
@@ -213,6 +215,16 @@ def run_configuration(cfg: dict, engine: str, procs: int, denoiser: Path, shards
                "--master_port", str(_free_port()), "-m", "msscale.bench.train", str(run_dir)]
     log.info("%s %s, %d process(es): memory available %.1f GB, budget %.1f GB",
              cfg["arch"], LABELS[engine], procs, available, budget)
+    entry = {"arch": cfg["arch"], "engine": engine, "label": LABELS[engine],
+             "zero_stage": _zero_stage(ft), "offload": engine == "zero3_offload",
+             "procs": procs, "mem_available_gb": round(available, 2),
+             "mem_budget_gb": round(budget, 2)}
+    if bench["mem_budget_gb"] is None and budget < MIN_BUDGET_GB:
+        log.warning("%s %s not run: %.1f GB available", cfg["arch"], LABELS[engine], available)
+        return {**entry, **summarize([], None, {"killed": None, "peak_per_process_gb": []},
+                                     "", ft, procs),
+                "reason": f"not run: only {available:.1f} GB of memory available",
+                "load_average": [os.getloadavg()[0]] * 2, "wall_seconds": 0.0}
     load_before = os.getloadavg()[0]  # a shared machine's other work slows the steps down
     started = time.monotonic()
     with (run_dir / "torchrun.log").open("w") as sink:
@@ -223,13 +235,9 @@ def run_configuration(cfg: dict, engine: str, procs: int, denoiser: Path, shards
     if watch["killed"]:
         log.info("killed while the ranks were at: %s", sorted({r.get("phase") for r in ranks}))
     tail = (run_dir / "torchrun.log").read_text(errors="replace")[-3000:]
-    entry = {"arch": cfg["arch"], "engine": engine, "label": LABELS[engine],
-             "zero_stage": _zero_stage(ft), "offload": engine == "zero3_offload",
-             "procs": procs, "mem_available_gb": round(available, 2),
-             "mem_budget_gb": round(budget, 2),
-             "wall_seconds": round(time.monotonic() - started, 1),
-             "peak_rss_gb_total_watched": round(watch["peak_total_gb"], 2),
-             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    entry.update(wall_seconds=round(time.monotonic() - started, 1),
+                 peak_rss_gb_total_watched=round(watch["peak_total_gb"], 2),
+                 load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     entry.update(summarize(ranks, proc.returncode, watch, tail, ft, procs))
     log.info("%s %s: %s", cfg["arch"], LABELS[engine], format_row(entry))
     return entry
@@ -255,7 +263,7 @@ def watch_memory(proc: subprocess.Popen, budget_gb: float, timeout_s: float,
     import psutil
 
     root = psutil.Process(proc.pid)
-    peak_total, peaks, killed = 0.0, {}, None
+    peak_total, peaks, killed, members = 0.0, {}, None, {}
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None:
         total = 0.0
@@ -264,6 +272,7 @@ def watch_memory(proc: subprocess.Popen, budget_gb: float, timeout_s: float,
         except psutil.NoSuchProcess:
             tree = []
         for member in tree:
+            members.setdefault(member.pid, member)
             try:
                 rss = member.memory_info().rss / GB
             except psutil.Error:
@@ -280,12 +289,27 @@ def watch_memory(proc: subprocess.Popen, budget_gb: float, timeout_s: float,
         elif time.monotonic() > deadline:
             killed = f"timed out after {timeout_s / 60:.0f} min"
         if killed:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill(members.values())
             proc.wait()
             break
         time.sleep(0.1)
+    # torchrun starts each rank in a session of its own: they are killed one by one, and the
+    # next configuration's budget is read only once every rank is gone.
+    _, alive = psutil.wait_procs(list(members.values()), timeout=60)
+    _kill(alive)
+    psutil.wait_procs(alive, timeout=60)
     return {"peak_total_gb": peak_total, "killed": killed,
             "peak_per_process_gb": sorted(peaks.values(), reverse=True)}
+
+
+def _kill(processes) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def summarize(ranks: list[dict], returncode: int, watch: dict, tail: str, ft: dict,
