@@ -148,6 +148,30 @@ def cmd_bench(args) -> None:
     sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else format_report(result))
 
 
+def cmd_bench_sequential(args) -> None:
+    import json
+
+    from msscale.bench.sequential import format_simulation, run_simulation
+
+    results = run_simulation(
+        args.counts, ns=args.n, tolerances=args.tolerance, n0=args.n0, alpha=args.alpha,
+        p0=args.p0, noise_block=args.noise_block, first_look=args.first_look,
+        look_growth=args.look_growth, prior=args.prior, replicates=args.replicates,
+        seed=args.seed,
+    )
+    sys.stdout.write(json.dumps(results, indent=2) + "\n" if args.json
+                     else format_simulation(results))
+
+
+def cmd_bench_train(args) -> None:
+    import json
+
+    from msscale.bench.train import format_report, load_bench_train_config, run_bench_train
+
+    result = run_bench_train(load_bench_train_config(args.cfg, args.overrides))
+    sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else format_report(result))
+
+
 def cmd_predict(args) -> None:
     from msscale.certify.predict import run_predict
     from msscale.certify.schema import load_certify_config
@@ -173,6 +197,25 @@ def cmd_finetune(args) -> None:
     from msscale.finetune.job import cmd_finetune as finetune
 
     finetune(args)
+
+
+def cmd_import_denoiser(args) -> None:
+    from msscale.models.openai_import import import_denoiser
+
+    import_denoiser(args.checkpoint, args.arch, args.override, args.out)
+
+
+def _add_import_denoiser(sub) -> None:
+    from msscale.models.openai_unet import PRESETS
+
+    p = sub.add_parser("import-denoiser", help="an OpenAI guided/improved-diffusion checkpoint "
+                       "-> a denoiser directory for denoiser.path")
+    p.add_argument("checkpoint", help="the .pt state dict, e.g. 256x256_diffusion_uncond.pt")
+    p.add_argument("--arch", required=True, choices=sorted(PRESETS), help="the published model")
+    p.add_argument("--override", action="append", default=[], metavar="FLAG=VALUE",
+                   help="a guided-diffusion model flag, e.g. num_channels=128 (repeatable)")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    p.set_defaults(func=cmd_import_denoiser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +280,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser(
+        "bench-sequential",
+        help="simulate full / cascade / sequential from a full run's counts (no model)",
+    )
+    p.add_argument("counts", help="counts.npz of a run with smoothing.schedule=full")
+    p.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000],
+                   help="estimation draws to simulate (default: 10000 100000)")
+    p.add_argument("--tolerance", type=float, nargs="+", default=[0.02],
+                   help="radius tolerances of the sequential rule, one row each")
+    p.add_argument("--n0", type=int, default=100, help="selection draws per scale")
+    p.add_argument("--alpha", type=float, help="default: the run's")
+    p.add_argument("--p0", type=float, help="default: the run's")
+    p.add_argument("--noise-block", type=int, default=1000, help="looks fall on its multiples")
+    p.add_argument("--first-look", type=int, default=1000)
+    p.add_argument("--look-growth", type=float, default=2.0)
+    p.add_argument("--prior", type=float, default=0.01,
+                   help="added to every class's votes before they become probabilities")
+    p.add_argument("--replicates", type=int, default=10, help="simulated runs over the images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_bench_sequential)
+
+    p = sub.add_parser("bench-train", help="fine-tuning memory and speed per engine (DDP, ZeRO)")
+    _add_cfg(p)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_bench_train)
+
     p = sub.add_parser("predict", help="the cascade's prediction without a certificate")
     p.add_argument("--n", type=int, default=200, help="draws per image and scale")
     _add_cfg(p)
@@ -256,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-demo-models", help="retrain the demo's UNet and classifier")
     p.add_argument("--out", default=None, help="default: the package's assets/demo")
     p.set_defaults(func=cmd_train_demo_models)
+
+    _add_import_denoiser(sub)
     return parser
 
 

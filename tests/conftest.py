@@ -55,11 +55,18 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         cluster.stop()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses the slurm_cluster fixture with `slurm`."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses the slurm_cluster fixture with `slurm`; deselect `fullsize`
+    tests unless MSSCALE_FULL_SIZE=1 (pytest then reports them as deselected)."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
+    if os.environ.get("MSSCALE_FULL_SIZE", "") == "1":
+        return
+    deselected = [item for item in items if item.get_closest_marker("fullsize")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("fullsize")]
 
 
 # ----------------------------- end of Slurm cluster block ------------------------------

@@ -30,7 +30,9 @@ def _bench_yaml(assets, tmp_path, **bench) -> str:
 
 
 def test_bench_json_has_both_ways_the_ratio_and_the_flops(assets, tmp_path, capsys):
-    assert main(["bench", "--cfg", _bench_yaml(assets, tmp_path), "--json"]) == 0
+    path = _bench_yaml(assets, tmp_path, schedule_images=4, schedule_n=48)
+    overrides = ["smoothing.first_look=4", "smoothing.radius_tolerance=0.05", "smoothing.alpha=0.1"]
+    assert main(["bench", "--cfg", path, *overrides, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     full = len(SMOOTHING["sigmas"]) * (SMOOTHING["n0"] + SMOOTHING["n"])
     for way in ("reference", "msscale", "cascade"):
@@ -47,6 +49,21 @@ def test_bench_json_has_both_ways_the_ratio_and_the_flops(assets, tmp_path, caps
     assert result["load_seconds_per_image"] > 0
     report = format_report(result)
     assert "msscale / reference:" in report and "model evaluations per image" in report
+    assert "schedules on 4 images" in report
+    # The schedules side by side, on the same 4 images at n = 48.
+    schedules = result["schedules"]
+    assert (schedules["images"], schedules["n"], schedules["looks"]) == (4, 48, [4, 8, 16, 32, 48])
+    rows = schedules["schedules"]
+    full = len(SMOOTHING["sigmas"]) * (SMOOTHING["n0"] + 48)
+    assert rows["full"]["evaluations_per_image"] == full
+    assert SMOOTHING["n0"] + 48 <= rows["cascade"]["evaluations_per_image"] <= full
+    assert SMOOTHING["n0"] + 4 <= rows["sequential"]["evaluations_per_image"] <= full
+    for row in rows.values():
+        assert row["seconds_per_image"] > 0
+        accuracy = list(row["certified_accuracy"].values())
+        assert all(0 <= b <= a <= 1 for a, b in zip(accuracy, accuracy[1:], strict=False))
+    # The full and cascade schedules draw the same votes where both sample: same certificates.
+    assert rows["full"]["certified_accuracy"] == rows["cascade"]["certified_accuracy"]
 
 
 def test_reference_counts_sum_to_the_draws_per_image_and_scale(assets, tmp_path):
@@ -114,3 +131,18 @@ def test_random_inputs_need_no_data_set(assets, tmp_path, capsys):
     assert main(["bench", "--cfg", str(path)]) == 0
     out = capsys.readouterr().out
     assert "msscale / reference:" in out and "reading and decoding" not in out
+
+
+def test_one_look_sequential_is_the_cascade_schedule(assets, tmp_path):
+    from msscale.bench.sampling import timed
+    from msscale.bench.schedules import compare_schedules, format_schedules
+
+    path = _bench_yaml(assets, tmp_path, schedule_images=3, schedule_n=20)
+    cfg = load_certify_config(path, ["smoothing.first_look=20"])  # a single look, at n
+    model = build_smoothed_model(cfg, torch.device("cpu"))
+    result = compare_schedules(cfg, model, torch.device("cpu"), timed)
+    rows = result["schedules"]
+    assert result["looks"] == (20,)
+    for key in ("evaluations_per_image", "certified_accuracy"):
+        assert rows["sequential"][key] == rows["cascade"][key]
+    assert "sequential" in "\n".join(format_schedules(result))

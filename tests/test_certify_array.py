@@ -192,6 +192,53 @@ def test_image_groups_times_sample_splits_equal_plain_certify(cfg_path, referenc
     assert_same_as_reference(out, reference)
 
 
+# --------------------------------------------------- the sequential schedule over shards
+
+# Looks at 16, 32 and 40 draws (blocks of 16); with these settings the tiny models defer
+# some scales at the first look, and some images go on to a smaller scale.
+SEQUENTIAL = ("smoothing.schedule=sequential", "smoothing.first_look=16",
+              "smoothing.radius_tolerance=0.5", "smoothing.p0=0.9", "smoothing.alpha=0.1")
+
+
+@pytest.fixture(scope="module")
+def sequential_reference(cfg_path, tmp_path_factory) -> Path:
+    """One plain `msscale certify` of the config under the sequential schedule."""
+    out = tmp_path_factory.mktemp("sequential-reference") / "run"
+    assert msscale_main(["certify", "--cfg", str(cfg_path), f"out={out}", *SEQUENTIAL]) == 0
+    used = load_counts(out / "counts.npz").used
+    assert 16 in used and (used[:, 1] > 0).any(), "not vacuous: early stops and deferrals"
+    return out
+
+
+def assert_same_sequential_run(run: Path, reference: Path) -> None:
+    assert_same_as_reference(run, reference)
+    got, want = load_counts(run / "counts.npz"), load_counts(reference / "counts.npz")
+    np.testing.assert_array_equal(got.used, want.used)
+    assert got.meta["looks"] == want.meta["looks"] == [16, 32, 40]
+    assert (run / "summary.json").read_text() == (reference / "summary.json").read_text()
+
+
+def test_sequential_shards_equal_plain_certify(cfg_path, sequential_reference, tmp_path):
+    out = tmp_path / "run"
+    assert run_tool(cfg_path, out, "--shards", "5", "--cluster", "debug", *SEQUENTIAL) == 0
+    assert_same_sequential_run(out, sequential_reference)
+
+
+def test_sequential_shards_on_the_local_executor(cfg_path, sequential_reference, tmp_path):
+    out = tmp_path / "run"
+    assert run_tool(cfg_path, out, "--shards", "2", "--cluster", "local", *SEQUENTIAL) == 0
+    assert_same_sequential_run(out, sequential_reference)
+
+
+def test_sequential_refuses_sample_splits(cfg_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_tool(cfg_path, out, "--shards", "2", "--sample-splits", "2", "--cluster",
+                    "debug", *SEQUENTIAL) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sample splits need smoothing.schedule=full" in err, err
+    assert not (out / "counts").exists()
+
+
 # ------------------------------------------------------------------------ merge refuses
 
 

@@ -34,9 +34,10 @@ from msscale.finetune.job import main
 
 if os.environ.get("MSSCALE_TEST_NO_SHM_OP"):
     # DeepSpeed's optional CPU shared-memory allreduce is JIT-compiled on first use
-    # (minutes on 2 cores); without it gloo carries every collective.
+    # (minutes on 2 cores); without it gloo carries every collective. The attribute
+    # `deepspeed.comm.torch` is the torch package itself: patch the module.
     import deepspeed.comm.torch
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 original_finish = train.finish
 

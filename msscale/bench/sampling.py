@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msscale.bench.schedules import compare_schedules, format_schedules
 from msscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -191,10 +192,14 @@ def timed(fn, device: torch.device) -> tuple[float, int | None, object]:
 
 def flops_per_sample(model, image: torch.Tensor, timestep: int) -> int:
     """FLOPs of one model pass (denoiser + classifier) on one noisy image."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     timesteps = torch.full((1,), timestep, device=image.device)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    # the counter has no formula for the CPU flash-attention kernel; the math backend's
+    # matmuls it counts, on every device
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), \
+            sdpa_kernel(SDPBackend.MATH):
         model(image[None], timesteps)
     return int(counter.get_total_flops())
 
@@ -244,6 +249,7 @@ class Setup:
             write_random_denoiser(bench["random_denoiser"], cfg["denoiser"]["path"])
         self.plain = build_smoothed_model(cfg, device)  # the reference's: fp32, NCHW, eager
         fast = prepare_for_inference(copy.deepcopy(self.plain), cfg)
+        self.fast = fast
         count = bench["warmup"] + bench["images"]
         self.index, images, self.load_seconds = bench_inputs(cfg, count, self.plain)
         self.images = images.to(device)
@@ -289,7 +295,8 @@ def time_ways(setup: Setup, warmup: int, images: int, rounds: int, device) -> di
 
 
 def run_bench(cfg: dict, device: torch.device) -> dict:
-    """Time the reference way and msscale's full and cascade schedules; return the figures."""
+    """Time the reference way and msscale's full and cascade schedules, then (with
+    bench.schedule_images) certify under each schedule side by side; return the figures."""
     bench, smoothing = cfg["bench"], cfg["smoothing"]
     setup = Setup(cfg, device)
     precisions = {"reference": "fp32", "msscale": cfg["precision"], "cascade": cfg["precision"]}
@@ -328,6 +335,8 @@ def run_bench(cfg: dict, device: torch.device) -> dict:
     result["top_class_agreement"] = _agreement(
         rounds["reference"][0]["votes"], rounds["msscale"][0]["votes"]
     )
+    if bench["schedule_images"]:
+        result["schedules"] = compare_schedules(cfg, setup.fast, device, timed)
     return result
 
 
@@ -440,4 +449,6 @@ def format_report(result: dict) -> str:
         lines.append(
             f"reading and decoding an image: {load * 1e3:.2f} ms ({share:.2%} of its sampling)"
         )
+    if "schedules" in result:
+        lines += ["", *format_schedules(result["schedules"])]
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ import yaml
 
 from msscale.atomic import atomic_write_text
 from msscale.certify.plan import plan_shard, shard_files, shard_path
+from msscale.certify.schema import SEQUENTIAL_KEYS
 from msscale.cluster import CLUSTERS, submission_errors
 from msscale.errors import UserError
 from msscale.logs import setup_logging
@@ -125,9 +126,10 @@ def _work_in(out: Path) -> str | None:
 def _sampling_view(cfg: dict) -> dict:
     """The parts of a config that change the counts, or may through floating-point rounding
     (precision, memory format, compilation); not resources, batch size, flushes or out."""
-    smoothing = {
-        k: v for k, v in cfg["smoothing"].items() if k not in ("batch_size", "flush_every")
-    }
+    ignored = ("batch_size", "flush_every")
+    if cfg["smoothing"].get("schedule") != "sequential":
+        ignored += SEQUENTIAL_KEYS  # they change nothing in a full or cascade run
+    smoothing = {k: v for k, v in cfg["smoothing"].items() if k not in ignored}
     keys = ("seed", "precision", "channels_last", "compile", "denoiser", "classifier", "data")
     return {k: cfg.get(k) for k in keys} | {"smoothing": smoothing}
 

@@ -1,4 +1,11 @@
-"""Counts files (docs/design.md §3.2): per-scale selection and estimation votes, atomic."""
+"""Counts files (docs/design.md §3.2): per-scale selection and estimation votes, atomic.
+
+`used` [I, K] records the estimation draws each image used at each scale: n where a `full`
+or `cascade` run sampled the scale, the look where a `sequential` run stopped it, 0 where
+it was never reached. Every draw casts one vote, so it equals the estimation votes' sum;
+the file stores it for readers and `load_counts` checks the two agree (files written before
+`used` existed get it from the votes).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from msscale.errors import UserError
 from msscale.paths import regular_file
 
 KEYS = ("index", "label", "sigmas", "select", "estimate", "meta")
+OPTIONAL_KEYS = ("used",)
 
 
 @dataclass
@@ -26,6 +34,16 @@ class Counts:
     select: np.ndarray  # [I, K, C] int64
     estimate: np.ndarray  # [I, K, C] int64
     meta: dict = field(default_factory=dict)
+
+    @property
+    def used(self) -> np.ndarray:
+        """[I, K] int64: the estimation draws used per image and scale (one vote each)."""
+        return self.estimate.sum(axis=2)
+
+    @property
+    def evaluations(self) -> np.ndarray:
+        """[I] int64: model evaluations per image, selection and estimation draws together."""
+        return self.select.sum(axis=(1, 2)) + self.estimate.sum(axis=(1, 2))
 
     @classmethod
     def empty(cls, sigmas, num_classes: int, meta: dict) -> Counts:
@@ -57,6 +75,7 @@ def save_counts(counts: Counts, path: str | Path) -> None:
                 sigmas=counts.sigmas,
                 select=counts.select,
                 estimate=counts.estimate,
+                used=counts.used,
                 meta=np.array(json.dumps(counts.meta, sort_keys=True)),
             )
 
@@ -69,7 +88,7 @@ def load_counts(path: str | Path) -> Counts:
             missing = [key for key in KEYS if key not in data.files]
             if missing:
                 raise UserError(f"counts file {path} lacks the keys {missing}")
-            arrays = {key: data[key] for key in KEYS}
+            arrays = {key: data[key] for key in KEYS + OPTIONAL_KEYS if key in data.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise UserError(f"counts file {path} is truncated or not a counts file: {err}") from None
     counts = Counts(
@@ -81,6 +100,8 @@ def load_counts(path: str | Path) -> Counts:
         meta=_meta(arrays["meta"], path),
     )
     _check_shapes(counts, path)
+    if "used" in arrays and not np.array_equal(arrays["used"], counts.used):
+        raise UserError(f"counts file {path}: `used` disagrees with the estimation votes")
     return counts
 
 

@@ -52,7 +52,11 @@ def plan_shard(cfg: dict, num_images: int, shard_id: int, num_shards: int, sampl
     if num_shards % sample_splits:
         raise UserError(f"{num_shards} shards do not divide into {sample_splits} sample splits")
     if sample_splits > 1 and cfg["smoothing"]["schedule"] != "full":
-        raise UserError("sample splits need smoothing.schedule=full (a cascade decides per image)")
+        raise UserError(
+            f"sample splits need smoothing.schedule=full, not {cfg['smoothing']['schedule']}: "
+            "a cascade or sequential decision needs all of an image's draws at a scale in one "
+            "task; split the images instead (--shards)"
+        )
     split = shard_id % sample_splits
     positions = image_positions(num_images, shard_id, num_shards, sample_splits)
     n_blocks = len(block_sizes(cfg["smoothing"]["n"], cfg["smoothing"]["noise_block"]))

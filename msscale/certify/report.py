@@ -13,6 +13,7 @@ import numpy as np
 from msscale.atomic import atomic_path, atomic_write_text
 from msscale.certify.counts import Counts
 from msscale.errors import UserError
+from msscale.smoothing.sequential import SequentialRule, certify_sequential_table
 from msscale.smoothing.stats import certify_table, floor_decimals
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,27 @@ def select_scales(counts: Counts, sigmas: list[float] | None) -> list[int]:
 
 
 def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Certificates:
-    """The cascade certificate (docs/design.md §1.2) over `sigmas` (default: all), from counts."""
+    """The cascade certificate (docs/design.md §1.2) over `sigmas` (default: all), from counts;
+    for counts of the `sequential` schedule, at the levels of the recorded look schedule
+    (docs/sequential.md)."""
     if not len(counts.index):  # every summary would be a mean over nothing: NaN
         raise UserError("the counts hold no images: there is nothing to certify")
     if sigmas is not None and not sigmas:
         raise UserError("no scales given: name at least one sigma")
     columns = select_scales(counts, sigmas)
+    select, estimate = counts.select[:, columns], counts.estimate[:, columns]
     try:  # the statistics check their arguments; here those come from a user
-        predict, radius, stage = certify_table(
-            counts.select[:, columns], counts.estimate[:, columns], counts.sigmas[columns],
-            alpha, p0,
-        )
+        if counts.meta.get("schedule") == "sequential":
+            rule = SequentialRule(
+                tuple(counts.sigmas[columns]), alpha, p0, tuple(counts.meta["looks"]),
+                tuple(counts.meta["look_weights"]), counts.meta["radius_tolerance"],
+            )
+            predict, radius, stage = certify_sequential_table(
+                select, estimate, counts.used[:, columns], rule
+            )
+        else:
+            predict, radius, stage = certify_table(select, estimate, counts.sigmas[columns],
+                                                   alpha, p0)
     except ValueError as err:
         raise UserError(f"cannot certify these counts: {err}") from None
     full_stage = np.where(stage >= 0, np.asarray(columns)[np.maximum(stage, 0)], -1)
@@ -117,9 +128,15 @@ def method_summary(certs: Certificates) -> dict:
     }
 
 
+def main_method(counts: Counts) -> str:
+    """The name of a run's own certificate: `sequential` for that schedule, else `cascade`."""
+    return "sequential" if counts.meta.get("schedule") == "sequential" else "cascade"
+
+
 def methods_of(counts: Counts, alpha: float, p0: float) -> dict[str, Certificates]:
-    """The cascade over every scale, plus each single scale when every scale was sampled."""
-    methods = {"cascade": certify_counts(counts, alpha, p0)}
+    """The run's certificate over every scale (the cascade, or the sequential one), plus each
+    single scale when every scale was sampled."""
+    methods = {main_method(counts): certify_counts(counts, alpha, p0)}
     if len(counts.sigmas) > 1 and counts.meta.get("schedule", "full") == "full":
         for sigma in counts.sigmas:
             methods[f"sigma={sigma:g}"] = certify_counts(counts, alpha, 0.5, [float(sigma)])
@@ -134,7 +151,7 @@ def write_results(out: str | Path, counts: Counts, alpha: float, p0: float) -> d
     """certify.tsv (the cascade), summary.json, report.md, certified_accuracy.png, tb/."""
     out = Path(out)
     methods = methods_of(counts, alpha, p0)
-    write_tsv(methods["cascade"], out / "certify.tsv")
+    write_tsv(methods[main_method(counts)], out / "certify.tsv")
     summary = {
         "methods": summarize_methods(methods),
         "images": int(len(counts.index)),
@@ -144,10 +161,34 @@ def write_results(out: str | Path, counts: Counts, alpha: float, p0: float) -> d
         "p0": p0,
         "sigmas": counts.sigmas.tolist(),
         "schedule": counts.meta.get("schedule"),
+        "evaluations_per_image": evaluations_summary(counts, methods[main_method(counts)]),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_comparison(out, methods, summary)
     return summary
+
+
+def evaluations_summary(counts: Counts, certs: Certificates) -> dict:
+    """Model evaluations per image: the mean, its selection and estimation parts, the mean
+    at each scale, and per schedule: the run's own, and for a `full` run also what the
+    `cascade` schedule draws for the same certificates (every scale down to the deciding
+    one, n0 + n draws each)."""
+    schedule = counts.meta.get("schedule", "full")
+    per_schedule = {schedule: float(counts.evaluations.mean())} if len(counts.index) else {}
+    if schedule == "full" and len(counts.index):
+        draws = counts.meta["n0"] + counts.meta["n"]
+        num_scales = len(counts.sigmas)
+        reached = np.where(certs.stage >= 0, num_scales - certs.stage, num_scales)
+        per_schedule["cascade"] = float(np.mean(reached * draws))
+    mean = (lambda x: float(x.mean())) if len(counts.index) else (lambda x: 0.0)
+    return {
+        "mean": mean(counts.evaluations),
+        "selection": mean(counts.select.sum(axis=(1, 2))),
+        "estimation": mean(counts.used.sum(axis=1)),
+        "by_scale": {f"{s:g}": mean(counts.select[:, k].sum(axis=1) + counts.used[:, k])
+                     for k, s in enumerate(counts.sigmas)},
+        "schedules": per_schedule,
+    }
 
 
 def write_comparison(out: Path, methods: dict[str, Certificates], summary: dict) -> None:
@@ -174,7 +215,7 @@ def plot_certified_accuracy(methods: dict[str, Certificates], path: Path) -> Non
     cascade_colors = iter(["black", "tab:red", "tab:purple", "tab:brown"])
     # Single scales are drawn dashed and on top, so a cascade that equals one stays visible.
     for name, certs in methods.items():
-        if name.startswith("cascade"):
+        if name.startswith(("cascade", "sequential")):
             style = {"linewidth": 3, "color": next(cascade_colors, None), "zorder": 2}
         else:
             style = {"linewidth": 1.5, "linestyle": "--", "zorder": 3}
@@ -210,18 +251,27 @@ def render_markdown(summary: dict) -> str:
         f"- {name}: "
         + ", ".join(f"{k if k == 'none' else f'sigma={k}'}: {v}" for k, v in m["stages"].items())
         for name, m in summary["methods"].items()
-        if name.startswith("cascade")
+        if name.startswith(("cascade", "sequential"))
     ]
     settings = ", ".join(
         f"{key}={summary[key]}" for key in ("n0", "n", "alpha", "p0", "sigmas", "schedule")
         if key in summary
     )
+    per_schedule = summary.get("evaluations_per_image", {}).get("schedules", {})
+    cost = [
+        "Model evaluations per image (selection and estimation draws, mean): "
+        + ", ".join(f"{name} schedule {value:.0f}" for name, value in per_schedule.items())
+        + ". The sequential schedule stops a scale's estimation draws early "
+        "(docs/sequential.md); n is the most it draws.",
+        "",
+    ] if per_schedule else []
     return "\n".join(
         [
             "# Certification report",
             "",
             f"{summary['images']} images; {settings}.",
             "",
+            *cost,
             "Certified accuracy (%) at L2 radius r (pixel scale [0,1]): the share of images whose",
             "prediction is correct and certified at a radius of at least r (r=0.0: correct and",
             "not abstained). ACR is the average certified radius (0 for wrong or abstained",

@@ -9,11 +9,18 @@ from msscale.config import Key, ascending_scales, load_config, nonempty
 from msscale.errors import UserError
 from msscale.models.schema import CLASSIFIER
 
+SEQUENTIAL_KEYS = ("radius_tolerance", "first_look", "look_growth")
+
 
 def _below_half(path: str, alpha: float) -> None:
     """The certificate needs alpha < 1/2 (docs/design.md §1.1); refused here, not after sampling."""
     if alpha >= 0.5:
         raise UserError(f"config key {path}: expected < 0.5, got {alpha!r}")
+
+
+def _growth(path: str, value: float) -> None:
+    if not value > 1:
+        raise UserError(f"config key {path}: expected a number > 1, got {value!r}")
 
 
 CERTIFY_SCHEMA = {
@@ -25,7 +32,12 @@ CERTIFY_SCHEMA = {
     ),
     "channels_last": Key(bool, True, help="run the models in channels_last memory format"),
     "compile": Key(bool, False, help="torch.compile the models (slow start, faster sampling)"),
-    "denoiser": {"path": Key(str, check=nonempty)},
+    "denoiser": {
+        "path": Key(str, help="diffusers directory or hub id", check=nonempty),
+        "fit": Key(str, "resize", choices=("resize", "pad"),
+                   help="images of another size than the UNet's: resize them, or reflect-pad "
+                   "the noisy image to the UNet's size and crop the denoised one back"),
+    },
     "classifier": CLASSIFIER,
     "data": {
         "shards": Key(
@@ -40,7 +52,14 @@ CERTIFY_SCHEMA = {
         "n": Key(int, 10000, min=1),
         "alpha": Key(float, 0.001, min=1e-12, check=_below_half),
         "p0": Key(float, 0.5, min=0.5, max=0.999999),
-        "schedule": Key(str, "full", choices=("full", "cascade")),
+        "schedule": Key(str, "full", choices=("full", "cascade", "sequential"),
+                        help="sequential: the cascade stopped early (docs/sequential.md)"),
+        "radius_tolerance": Key(
+            float, 0.02, min=0.0,
+            help="sequential: stop a certifiable scale once n draws would add less radius",
+        ),
+        "first_look": Key(int, 1000, min=1, help="sequential: estimation draws at the first look"),
+        "look_growth": Key(float, 2.0, check=_growth, help="sequential: ratio of the looks"),
         "batch_size": Key(int, 256, min=1),
         "noise_block": Key(int, 1000, min=1, help="draws per counter-based noise block"),
         "flush_every": Key(int, 16, min=1, help="images between progress flushes"),
@@ -52,6 +71,12 @@ CERTIFY_SCHEMA = {
         "inputs": Key(str, "data", choices=("data", "random"), help="data.shards or noise"),
         "random_denoiser": Key(
             dict, None, nullable=True, help="UNet2DModel config: random weights at denoiser.path"
+        ),
+        "schedule_images": Key(
+            int, 0, min=0, help="images certified under each schedule side by side (0: none)"
+        ),
+        "schedule_n": Key(
+            int, None, nullable=True, min=1, help="their estimation draws (null: smoothing.n)"
         ),
     },
     "slurm": SLURM,

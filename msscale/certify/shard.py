@@ -18,13 +18,14 @@ from tqdm import tqdm
 import msscale
 from msscale.certify.counts import Counts, load_counts, save_counts
 from msscale.certify.plan import plan_shard, progress_path, shard_name, shard_path
+from msscale.certify.schema import SEQUENTIAL_KEYS
 from msscale.data.dataset import chunks
 from msscale.errors import UserError
 from msscale.smoothing.sampling import (
     ESTIMATE,
     SELECT,
 )
-from msscale.smoothing.schedules import VoteSampler, fit_to_denoiser
+from msscale.smoothing.schedules import VoteSampler, fit_to_denoiser, sequential_rule
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams) 
     """What must agree between shards before they may be merged, plus who this shard is."""
     smoothing = cfg["smoothing"]
     return {
+        **(sequential_meta(smoothing) if smoothing["schedule"] == "sequential" else {}),
         "seed": cfg["seed"],
         "n0": smoothing["n0"],
         "n": smoothing["n"],
@@ -57,6 +59,17 @@ def shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams) 
         "select_blocks": [streams[SELECT].start, streams[SELECT].stop],
         "estimate_blocks": [streams[ESTIMATE].start, streams[ESTIMATE].stop],
         "version": msscale.__version__,
+    }
+
+
+def sequential_meta(smoothing: dict) -> dict:
+    """The settings and the look schedule of the sequential rule: the certificate reads its
+    levels from the recorded looks and weights (docs/sequential.md)."""
+    rule = sequential_rule(smoothing)
+    return {
+        **{key: smoothing[key] for key in SEQUENTIAL_KEYS},
+        "looks": list(rule.looks),
+        "look_weights": list(rule.weights),
     }
 
 

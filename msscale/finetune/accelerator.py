@@ -115,9 +115,11 @@ def _ensure_single_process_env() -> None:
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
 
-def make_accelerator(cfg: dict):
+def make_accelerator(cfg: dict, load_universal: bool = False):
     """An Accelerator for this process: DDP (NCCL on GPUs, gloo on CPUs) or DeepSpeed.
 
+    `load_universal`: the DeepSpeed engine loads universal checkpoints (a ZeRO checkpoint
+    written by another number of processes, converted; msscale/finetune/checkpoints.py).
     On CPUs Accelerate needs `cpu=True` to start gloo DDP, but `cpu=True` drops the
     DeepSpeed plugin; for DeepSpeed on CPUs we keep cpu=False and name the gloo backend, so
     DeepSpeed's init_distributed runs over gloo and Accelerate counts every process.
@@ -148,6 +150,8 @@ def make_accelerator(cfg: dict):
         max_grad_norm=train["max_grad_norm"],
         mixed_precision=mixed_precision,
     )
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
                        kwargs_handlers=handlers, **kwargs)

@@ -3,6 +3,8 @@
 A checkpoint is written into a temporary directory by every process, renamed into place by
 the main process, and only then named in `checkpoints/latest`, so `latest` always names a
 whole checkpoint. `final/` (the EMA UNet + scheduler/) is a certify config's denoiser.path.
+A ZeRO checkpoint resumed by another number of processes goes through DeepSpeed's universal
+checkpoint conversion (`universal_checkpoint`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +27,9 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # the one name the loop and the launcher agree on (see latest_checkpoint)
 FINAL = "final"
 TRAINER_STATE = "trainer_state.json"
+UNET_EMA = "unet_ema"
+DEEPSPEED_STATE = "pytorch_model"  # Accelerate's folder for the DeepSpeed engine's checkpoint
+UNIVERSAL = "universal"
 
 
 
@@ -50,9 +57,18 @@ class TrainerState:
 
 
 def param_digest(model) -> str:
-    """A short fingerprint of a model's parameters (sum and sum of squares, float64)."""
+    """A short fingerprint of a model's parameters (sum and sum of squares, float64).
+
+    Under ZeRO-3 it is taken over the gathered fp32 master weights: a collective.
+    """
+    from msscale.finetune.zero3 import full_fp32_weights, partitioned_parameters
+
+    if partitioned_parameters(model):
+        params = full_fp32_weights(model).values()
+    else:
+        params = model.parameters()
     total = squares = 0.0
-    for param in model.parameters():
+    for param in params:
         values = param.detach().double()
         total += float(values.sum())
         squares += float((values**2).sum())
@@ -63,26 +79,23 @@ def register_hooks(accelerator, ema, zero3: bool) -> None:
     """save_state writes unet/ and unet_ema/ with save_pretrained; load_state reads them.
 
     Every rank runs the hooks (save_state must be called on every rank: under DeepSpeed it
-    is a collective); only the main process writes files. Under DeepSpeed the engine saves
-    and loads its own weights and passes no models to the load hook.
+    is a collective, and under ZeRO-3 so is gathering the EMA); only the main process writes
+    files. Under DeepSpeed the engine saves and loads its own weights and passes no models
+    to the load hook.
     """
     from diffusers import UNet2DModel
-    from diffusers.training_utils import EMAModel
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            if not zero3:  # ZeRO-3 weights are partitioned; its engine checkpoint holds them
-                for model in models:
-                    accelerator.unwrap_model(model).save_pretrained(
-                        os.path.join(output_dir, "unet"))
+        ema.save_pretrained(os.path.join(output_dir, UNET_EMA), accelerator.is_main_process)
+        if accelerator.is_main_process and not zero3:
+            # ZeRO-3 weights are partitioned; its engine checkpoint holds them.
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
         while weights:  # saved above: keep Accelerate from writing them a second time
             weights.pop()
 
     def load_hook(models, input_dir):
-        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
-        ema.load_state_dict(loaded.state_dict())
-        ema.to(accelerator.device)
+        ema.load_pretrained(os.path.join(input_dir, UNET_EMA))
         while models:  # DDP / one process: the weights come from unet/
             model = models.pop()
             weights = UNet2DModel.from_pretrained(os.path.join(input_dir, "unet"))
@@ -153,21 +166,69 @@ def check_finite(unet, noise_scheduler, final: Path) -> None:
                         "is not finite (the training diverged)")
 
 
-def export_final(unet_config, ema, noise_scheduler, out: Path) -> Path:
-    """The EMA UNet + scheduler/ under <out>/final (via a temporary directory and rename),
-    after check_finite."""
-    from diffusers import UNet2DModel
-
+def export_final(model, noise_scheduler, out: Path, meta: dict | None = None) -> Path:
+    """The EMA UNet `model` + scheduler/ under <out>/final (via a temporary directory), after
+    check_finite."""
     from msscale.models.loading import save_denoiser
 
-    model = UNet2DModel.from_config(unet_config)
-    ema.copy_to(model.parameters())
     check_finite(model.float(), noise_scheduler, out / FINAL)
     final, tmp = out / FINAL, out / f".{FINAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_denoiser(model.float(), noise_scheduler, tmp)
+    save_denoiser(model.float(), noise_scheduler, tmp, meta)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     log.info("exported the EMA UNet to %s", final)
     return final
+
+
+def saved_world_size(checkpoint: Path) -> int | None:
+    """How many processes wrote a checkpoint's DeepSpeed ZeRO state (one optimizer file each,
+    as DeepSpeed's zero_to_fp32 counts them); None for a checkpoint without one (DDP)."""
+    files = list((checkpoint / DEEPSPEED_STATE).glob("*optim_states.pt"))
+    return len(files) or None
+
+
+def universal_checkpoint(accelerator, checkpoint: Path) -> Path:
+    """`checkpoint` with its ZeRO state as a DeepSpeed universal checkpoint, which any number of
+    processes can load (with "checkpoint": {"load_universal": true} in the DeepSpeed config).
+
+    The main process runs DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal)
+    into `<checkpoint>/universal/pytorch_model`, beside links to the checkpoint's other files
+    (unet_ema/, the LR schedule, trainer_state.json), once; every rank waits for it.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    target = checkpoint / UNIVERSAL
+    error = None
+    if accelerator.is_main_process and not (target / DEEPSPEED_STATE).is_dir():
+        error = _convert_to_universal(checkpoint, target, accelerator.num_processes)
+    error = broadcast_object_list([error])[0]  # every rank stops, not only the main one
+    if error is not None:
+        raise UserError(error)
+    return target
+
+
+def _convert_to_universal(checkpoint: Path, target: Path, processes: int) -> str | None:
+    """Run ds_to_universal into a temporary folder, link the other files, rename; or an error."""
+    tmp = checkpoint / f".tmp-{UNIVERSAL}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(checkpoint / DEEPSPEED_STATE),
+               "--output_folder", str(tmp / DEEPSPEED_STATE),
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    log.info("converting %s to a universal checkpoint: %s", checkpoint, " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return (f"cannot load {checkpoint} (written by {saved_world_size(checkpoint)} processes) "
+                f"with {processes}: DeepSpeed's ds_to_universal failed ({last}); resume with "
+                f"{saved_world_size(checkpoint)} processes, or see docs/finetune_scale.md for "
+                f"the conversion by hand")
+    for entry in checkpoint.iterdir():
+        if entry.name not in (DEEPSPEED_STATE, UNIVERSAL, tmp.name):
+            (tmp / entry.name).symlink_to(Path("..") / entry.name)
+    os.replace(tmp, target)
+    log.info("universal checkpoint in %s", target)
+    return None

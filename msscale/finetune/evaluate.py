@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -23,6 +24,9 @@ def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch
     and the fraction the cascade would defer (top class share of the M draws below p0).
 
     Returns ({tag: value}, {sigma: grid tensor}) on every rank; the grid is rank 0's.
+    Every rank runs the same number of denoiser calls: under ZeRO-3 each call gathers the
+    UNet's partitions from every rank, so a rank with fewer images runs a blank batch that
+    is not counted rather than leaving the others waiting.
     """
     from msscale.data.dataset import open_dataset
 
@@ -36,10 +40,12 @@ def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch
     tally = torch.zeros(len(scales.sigmas), 4, device=device)  # base, smoothed, defer, images
     grids, batch, draws = {}, [], cal["draws"]
 
-    def run(batch):
+    size = cfg["data"]["image_size"]
+    batches = math.ceil(math.ceil(count / accelerator.num_processes) / batch_size)  # rank 0's
+
+    def run(batch, counted=True):
         images = torch.stack([image for _, image, _ in batch]).to(device)
         labels = torch.tensor([label for _, _, label in batch], device=device)
-        size = cfg["data"]["image_size"]
         if images.shape[-1] != size:
             images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
                                                      antialias=True, align_corners=False)
@@ -49,6 +55,8 @@ def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch
             timesteps = scales.timesteps[k].repeat(len(clean))
             denoised = denoiser(noisy, timesteps)
             preds = classifier(denoised).argmax(-1).view(draws, -1)
+            if not counted:
+                continue
             votes = torch.nn.functional.one_hot(preds, cfg["classifier"]["num_classes"]).sum(0)
             top_count, top = votes.max(-1)  # ties: lowest class index
             tally[k, 0] += (preds == labels).float().mean(0).sum()
@@ -59,13 +67,17 @@ def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch
                 n = min(GRID_IMAGES, len(labels))
                 grids[sigma] = torch.cat([noisy[:n].clamp(0, 1), denoised[:n], images[:n]]).float()
 
+    done = 0
     for item in dataset.iter_images(indices):
         batch.append(item)
         if len(batch) == batch_size:
             run(batch)
-            batch = []
+            batch, done = [], done + 1
     if batch:
         run(batch)
+        done += 1
+    for _ in range(batches - done):
+        run([(None, torch.zeros(3, size, size), 0)], counted=False)
     tally = accelerator.reduce(tally, reduction="sum")
     metrics = {}
     for k, sigma in enumerate(scales.sigmas.tolist()):
@@ -88,7 +100,8 @@ class TrainingWindow:
         self.reset()
 
     def reset(self):
-        self.sums = torch.zeros(5, device=self.device)  # total, brier, ac, diffusion, batches
+        # total, brier, ac, diffusion, batches, images
+        self.sums = torch.zeros(6, device=self.device)
         self.rec = torch.zeros(2, self.num_scales, device=self.device)  # recoverable, images
         self.images, self.steps, self.started = 0, 0, time.perf_counter()
 
@@ -96,7 +109,8 @@ class TrainingWindow:
         self.sums += torch.stack([parts.total.detach().float(), parts.brier.detach().float(),
                                   parts.anti_consistency.detach().float(),
                                   parts.diffusion.detach().float(),
-                                  torch.ones((), device=self.device)])
+                                  torch.ones((), device=self.device),
+                                  torch.tensor(float(images), device=self.device)])
         self.rec[0] += torch.bincount(scale, weights=parts.recoverable.float(),
                                       minlength=self.num_scales)
         self.rec[1] += torch.bincount(scale, minlength=self.num_scales).float()
@@ -121,12 +135,13 @@ class TrainingWindow:
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
             writer.add_scalar("train/nan_skipped", state.nan_skipped, step)
             writer.add_scalar("perf/images_per_s_per_device", self.images / seconds, step)
+            writer.add_scalar("perf/images_per_s", float(sums[5]) / seconds, step)
             writer.add_scalar("perf/steps_per_s", steps / seconds, step)
             writer.flush()
-            log.info("step %d loss %.4f recoverable %s lr %.3g %.2f steps/s %.1f img/s/device",
-                     step, float(sums[0]) / n,
+            log.info("step %d loss %.4f recoverable %s lr %.3g %.2f steps/s %.1f img/s/device "
+                     "%.1f img/s in total", step, float(sums[0]) / n,
                      [round(float(rec[0, k] / max(rec[1, k], 1)), 3) for k in range(len(rec[0]))],
-                     lr, steps / seconds, self.images / seconds)
+                     lr, steps / seconds, self.images / seconds, float(sums[5]) / seconds)
         self.reset()
 
 

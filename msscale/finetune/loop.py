@@ -3,11 +3,13 @@
 One process per device, started by torchrun, `accelerate launch`, submitit
 (msscale/finetune/job.py) or plainly as one process. The UNet trains; the classifier is
 frozen in eval mode (gradients flow through it into the UNet, its weights never change).
-Plain DDP without a DeepSpeed config, DeepSpeed ZeRO (stage 2 or 3) with one.
+Plain DDP without a DeepSpeed config, DeepSpeed ZeRO (stage 2 or 3) with one; under ZeRO-3
+the EMA lives on the partitions (msscale/finetune/ema.py, docs/finetune_scale.md).
 
 Resume is on by default: step count, optimizer, LR schedule and EMA come back from
 `<out>/checkpoints/latest`, and the data stream is seeded from the step, so it moves forward
-instead of repeating.
+instead of repeating. A ZeRO checkpoint written by another number of processes is converted
+to DeepSpeed's universal checkpoint first.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +37,14 @@ from msscale.finetune.checkpoints import (
     param_digest,
     register_hooks,
     save_checkpoint,
+    saved_world_size,
+    universal_checkpoint,
 )
+from msscale.finetune.ema import PartitionedEMA, ReplicatedEMA
 from msscale.finetune.evaluate import TrainingWindow, evaluate, log_eval
 from msscale.finetune.objective import Scales, calibration_forward, null_loss
 from msscale.finetune.schema import per_device_batch
+from msscale.finetune.zero3 import partition_summary
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +61,15 @@ def train(cfg: dict) -> Path:
 
     out, train_cfg = Path(cfg["out"]), cfg["train"]
     check_data(cfg)
-    accelerator = make_accelerator(cfg)
+    latest = latest_checkpoint(out) if train_cfg["resume"] else None
+    accelerator = make_accelerator(cfg, load_universal=other_world_size(cfg, latest))
     rank, world = accelerator.process_index, accelerator.num_processes
     micro_batch = per_device_batch(cfg, world)
     if not accelerator.is_main_process:
         logging.getLogger("msscale").setLevel(logging.WARNING)
+    log_run_shape(cfg, accelerator, micro_batch)
     run = build_trainee(cfg, accelerator)
-    state, last_saved = resume(accelerator, run, out, train_cfg["resume"])
+    state, last_saved = resume(accelerator, run, out, latest)
     stream = TrainStream(cfg, micro_batch, rank, world)
     writer = open_writer(accelerator, out, state.step)
     window = TrainingWindow(len(run.scales.sigmas), accelerator.device)
@@ -68,14 +77,10 @@ def train(cfg: dict) -> Path:
                     disable=not accelerator.is_main_process, desc="finetune", dynamic_ncols=True)
     try:
         while state.step < train_cfg["max_steps"]:
-            applied, grad_norm = optimizer_step(accelerator, run, stream, window, state, cfg)
+            applied, grad_norm = training_step(accelerator, run, stream, window, state, cfg)
             if not applied:
                 count_skipped_step(state, train_cfg["max_nan_steps"], last_saved)
                 continue
-            run.ema.step(run.unet.parameters())
-            run.lr_scheduler.step()
-            state.step += 1
-            window.steps += 1
             progress.update(1)
             if due(state.step, train_cfg["log_every"], train_cfg["max_steps"]):
                 window.flush(accelerator, writer, state, run.lr_scheduler.get_last_lr()[0],
@@ -102,13 +107,14 @@ class Trainee:
     unet: torch.nn.Module
     classifier: torch.nn.Module
     denoiser: torch.nn.Module  # the one-shot denoiser around `unet`, for evaluation
-    ema: object
+    ema: object  # msscale/finetune/ema.py: ReplicatedEMA, or PartitionedEMA under ZeRO-3
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     noise_scheduler: object
     alphas: torch.Tensor  # alphas_cumprod on the device
     scales: Scales
     prediction_type: str
+    meta: dict  # the denoiser directory's msscale_denoiser.json (timestep_scale), for final/
     bf16: bool
 
 
@@ -125,25 +131,30 @@ def check_data(cfg: dict) -> None:
 
 def build_trainee(cfg: dict, accelerator) -> Trainee:
     """Load the models, build EMA, optimizer and LR schedule, and hand them to Accelerate."""
-    from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
 
-    from msscale.models.loading import build_classifier, load_scheduler, load_unet
+    from msscale.models.loading import (
+        alphas_cumprod_of,
+        build_classifier,
+        denoiser_meta,
+        load_scheduler,
+        load_unet,
+    )
     from msscale.smoothing.denoise import OneShotDenoiser
 
     train_cfg, zero3 = cfg["train"], is_zero3(accelerator)
     unet = load_unet(cfg["denoiser"]["path"])
     noise_scheduler = load_scheduler(cfg["denoiser"]["path"])
     prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
+    meta = denoiser_meta(cfg["denoiser"]["path"])
     classifier = build_classifier(cfg["classifier"]).requires_grad_(False).eval()
     if train_cfg["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
         if hasattr(classifier.model, "set_grad_checkpointing"):
             classifier.model.set_grad_checkpointing(True)
     unet.train()
-    ema = EMAModel(unet.parameters(), decay=train_cfg["ema_decay"], model_cls=UNet2DModel,
-                   model_config=unet.config)
+    if not zero3:  # from the fp32 weights, before DeepSpeed may cast the module to bf16
+        ema = ReplicatedEMA(unet, unet.config, train_cfg["ema_decay"], accelerator.device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=train_cfg["lr"],
                                   weight_decay=train_cfg["weight_decay"])
     lr_scheduler = get_scheduler(train_cfg["lr_schedule"], optimizer,
@@ -151,44 +162,82 @@ def build_trainee(cfg: dict, accelerator) -> Trainee:
                                  num_training_steps=train_cfg["max_steps"])
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     device = accelerator.device
+    if zero3:  # after prepare: it lives on this rank's slices of the fp32 master weights
+        module = accelerator.unwrap_model(unet)
+        log.info("ZeRO-3 partitions on this rank: %s", partition_summary(module))
+        ema = PartitionedEMA(module, module.config, train_cfg["ema_decay"],
+                             offload=offloads_optimizer(accelerator))
     classifier.to(device)
-    ema.to(device)
-    alphas = torch.as_tensor(noise_scheduler.alphas_cumprod, dtype=torch.float32).to(device)
+    alphas = alphas_cumprod_of(noise_scheduler).float().to(device)
     register_hooks(accelerator, ema, zero3)
     return Trainee(
-        unet=unet, classifier=classifier, denoiser=OneShotDenoiser(unet, alphas, prediction_type),
+        unet=unet, classifier=classifier,
+        denoiser=OneShotDenoiser(unet, alphas, prediction_type, meta["timestep_scale"]),
         ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler, noise_scheduler=noise_scheduler,
         alphas=alphas, scales=Scales.build(cfg["calibration"], alphas.cpu(), device),
-        prediction_type=prediction_type, bf16=accelerator.mixed_precision == "bf16",
+        prediction_type=prediction_type, meta=meta, bf16=accelerator.mixed_precision == "bf16",
     )
 
 
 def is_zero3(accelerator) -> bool:
-    """True under DeepSpeed ZeRO-3; then diffusers' EMAModel must see DeepSpeed (below)."""
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def offloads_optimizer(accelerator) -> bool:
+    """True when the DeepSpeed config keeps the optimizer state in host memory."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
         return False
-    # diffusers' EMAModel gathers ZeRO-3 parameters with a module-level `deepspeed` that it
-    # imports only if ZeRO-3 was on when diffusers.training_utils was first imported
-    # (before our Accelerator existed): give it the module.
-    import deepspeed
-    import diffusers.training_utils
-
-    diffusers.training_utils.deepspeed = deepspeed
-    return True
+    offload = plugin.deepspeed_config["zero_optimization"].get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
 
 
-def resume(accelerator, run: Trainee, out: Path, enabled: bool):
-    """(TrainerState, last checkpoint or None): from `latest` when resuming, else fresh."""
+def other_world_size(cfg: dict, latest: Path | None) -> bool:
+    """Whether `latest` is a ZeRO checkpoint written by another number of processes than this
+    run has: then it is loaded as DeepSpeed's universal checkpoint (see resume)."""
+    if latest is None or cfg["deepspeed"]["config"] is None:
+        return False
+    saved = saved_world_size(latest)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved is not None and saved != world:
+        log.info("%s was written by %d processes, this run has %d: loading it as a universal "
+                 "checkpoint", latest, saved, world)
+        return True
+    return False
+
+
+def resume(accelerator, run: Trainee, out: Path, latest: Path | None):
+    """(TrainerState, last checkpoint or None): from `latest` when there is one, else fresh."""
     clean_partial(accelerator, out)
-    latest = latest_checkpoint(out) if enabled else None
     if latest is None:
         return TrainerState(), None
-    accelerator.load_state(str(latest))
+    source = latest
+    if accelerator.state.deepspeed_plugin is not None and (
+            accelerator.state.deepspeed_plugin.deepspeed_config.get("checkpoint", {})
+            .get("load_universal")):
+        source = universal_checkpoint(accelerator, latest)
+    accelerator.load_state(str(source))
     state = TrainerState(**json.loads((latest / TRAINER_STATE).read_text()))
-    log.info("resumed from %s at step %d (parameter digest %s)", latest, state.step,
-             param_digest(accelerator.unwrap_model(run.unet)))
+    digest = param_digest(accelerator.unwrap_model(run.unet))  # a collective under ZeRO-3
+    log.info("resumed from %s at step %d (parameter digest %s)", latest, state.step, digest)
     return state, latest
+
+
+def log_run_shape(cfg: dict, accelerator, micro_batch: int) -> None:
+    """The batch arithmetic and the schedule's unit, once at start (docs/finetune_scale.md)."""
+    train_cfg, world = cfg["train"], accelerator.num_processes
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = max(world // max(per_node, 1), 1)
+    draws = cfg["calibration"]["draws"]
+    log.info("global batch %d = %d node(s) x %d process(es) per node x %d image(s) per device x "
+             "%d accumulation step(s); each image makes %d UNet samples (M=%d draws + 1 for the "
+             "diffusion loss), %d per device per micro-batch", train_cfg["batch_size"], nodes,
+             per_node, micro_batch, train_cfg["grad_accum"], draws + 1, draws,
+             micro_batch * (draws + 1))
+    log.info("LR schedule %s in optimizer steps: %d warm-up of %d; one optimizer step = %d "
+             "images", train_cfg["lr_schedule"], train_cfg["warmup_steps"],
+             train_cfg["max_steps"], train_cfg["batch_size"])
 
 
 def open_writer(accelerator, out: Path, step: int):
@@ -199,6 +248,20 @@ def open_writer(accelerator, out: Path, step: int):
 
     # purge_step drops events a killed run logged after its last checkpoint.
     return SummaryWriter(str(out / TB), purge_step=step or None)
+
+
+def training_step(accelerator, run: Trainee, stream, window, state, cfg: dict):
+    """One optimizer step and what follows an applied one: EMA, LR schedule, step count.
+
+    Returns (applied, grad norm), as optimizer_step.
+    """
+    applied, grad_norm = optimizer_step(accelerator, run, stream, window, state, cfg)
+    if applied:
+        run.ema.step(run.unet.parameters())
+        run.lr_scheduler.step()
+        state.step += 1
+        window.steps += 1
+    return applied, grad_norm
 
 
 def optimizer_step(accelerator, run: Trainee, stream, window, state, cfg: dict):
@@ -221,13 +284,17 @@ def optimizer_step(accelerator, run: Trainee, stream, window, state, cfg: dict):
                     run.unet, run.classifier, images, labels, scales=run.scales,
                     alphas_cumprod=run.alphas, prediction_type=run.prediction_type,
                     draws=cal["draws"], lambda_ac=cal["lambda_ac"], lambda_dm=cal["lambda_dm"],
-                    generator=generator)
+                    generator=generator, timestep_scale=run.meta["timestep_scale"])
             finite = torch.isfinite(parts.total.detach()).float().view(1)
             bad = bool(accelerator.reduce(1 - finite, reduction="sum") > 0)
             bad_window |= bad
             if accelerator.sync_gradients and bad_window:
                 _set_lr(run.optimizer, 0.0)
-            accelerator.backward(null_loss(run.unet) if bad else parts.total)
+            loss = parts.total
+            if bad:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
+                    loss = null_loss(run.unet, images)
+            accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(
                     run.unet.parameters(), train_cfg["max_grad_norm"] or math.inf)
@@ -271,9 +338,10 @@ def evaluate_now(accelerator, run: Trainee, cfg: dict, writer, step: int, batch:
 
 
 def finish(accelerator, run: Trainee, out: Path) -> Path:
-    """Export the EMA UNet on the main process, wait for every rank, end the run."""
+    """Export the EMA UNet (gathered under ZeRO-3) from the main process, end the run."""
+    unet = run.ema.unet(accelerator.is_main_process)  # a collective under ZeRO-3
     if accelerator.is_main_process:
-        export_final(accelerator.unwrap_model(run.unet).config, run.ema, run.noise_scheduler, out)
+        export_final(unet, run.noise_scheduler, out, run.meta)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out / FINAL

@@ -32,6 +32,7 @@ class Scales:
 def calibration_forward(
     unet, classifier, images, labels, *, scales: Scales, alphas_cumprod, prediction_type: str,
     draws: int, lambda_ac: float, lambda_dm: float, generator: torch.Generator,
+    timestep_scale: float = 1.0,
 ):
     """One micro-batch of the calibration loss (docs/design.md §1.4): (loss parts, scale [B]).
 
@@ -59,7 +60,10 @@ def calibration_forward(
     abar_dm = alphas_cumprod[t_dm].view(-1, 1, 1, 1)
     x_dm = abar_dm.sqrt() * x0 + (1 - abar_dm).sqrt() * noise
 
-    output = unet(torch.cat([x_cal, x_dm]), torch.cat([t_cal, t_dm])).sample
+    t_model = torch.cat([t_cal, t_dm])  # the UNet's timestep input (msscale/models/loading.py)
+    if timestep_scale != 1.0:
+        t_model = t_model.float() * timestep_scale
+    output = unet(torch.cat([x_cal, x_dm]), t_model).sample
     out_cal, out_dm = output[: draws * batch], output[draws * batch:]
     denoised = denoised_image(out_cal, x_cal, abar_cal.to(out_cal.dtype), prediction_type)
     logits = classifier(denoised).view(draws, batch, -1)
@@ -67,10 +71,18 @@ def calibration_forward(
     return calibration_loss(logits, labels, dm, lambda_ac=lambda_ac, lambda_dm=lambda_dm), scale
 
 
-def null_loss(model) -> torch.Tensor:
+def null_loss(unet, images: torch.Tensor) -> torch.Tensor:
     """A zero loss whose gradient is zero for every parameter and that contains no NaN.
 
     It replaces a non-finite loss, so every rank still runs one backward per micro-batch
-    (DDP and DeepSpeed need that) while nothing is learned from the bad batch.
+    (DDP and DeepSpeed need that) while nothing is learned from the bad batch. Under ZeRO-3
+    a parameter is an empty tensor between uses (its slices live on the ranks), so there the
+    zero comes from a UNet call on one blank image, which gathers the parameters as usual.
     """
-    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    from msscale.finetune.zero3 import partitioned_parameters
+
+    if partitioned_parameters(unet):
+        blank = torch.zeros_like(images[:1])
+        timestep = torch.zeros(1, dtype=torch.long, device=images.device)
+        return unet(blank, timestep).sample.float().sum() * 0.0
+    return sum(p.sum() for p in unet.parameters() if p.requires_grad) * 0.0

@@ -1,7 +1,8 @@
-"""Loading the two models: a diffusers denoiser directory and a timm classifier + local weights.
+"""Loading the two models: a diffusers denoiser and the classifier (msscale/models/classifiers.py).
 
-Nothing is downloaded: timm models are built with pretrained=False and weights come from a
-local file (safetensors, or a pickle loaded with weights_only=True).
+A denoiser is a diffusers directory (UNet2DModel + scheduler) or a hub id, resolved to its
+cached snapshot (msscale/models/hub.py); classifiers may be timm or transformers models.
+Local weights are read as safetensors, or as pickles with weights_only=True.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import torch
 
 from msscale.atomic import sha256_file
 from msscale.errors import UserError
-from msscale.paths import regular_file
-from msscale.smoothing.denoise import Classifier, DenoiseAndClassify, OneShotDenoiser
+from msscale.models.classifiers import build_classifier, classifier_files
+from msscale.models.hub import resolve_dir
+from msscale.smoothing.denoise import DenoiseAndClassify, OneShotDenoiser
+
+__all__ = ["build_classifier", "build_smoothed_model", "load_denoiser", "model_fingerprint"]
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# msscale's own facts about a denoiser directory that diffusers' files cannot hold; written
+# by `msscale import-denoiser` (msscale/models/openai_import.py), optional otherwise.
+DENOISER_META = "msscale_denoiser.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,11 +46,21 @@ def _unet_dir(path: Path) -> Path:
     return path
 
 
+def denoiser_root(path: str | Path) -> Path:
+    """denoiser.path as a local directory: itself, or a hub id's cached snapshot."""
+    return resolve_dir(str(path), "denoiser.path")
+
+
 def load_scheduler(path: str | Path):
-    """The diffusers scheduler saved under <path>/scheduler (any class with alphas_cumprod)."""
+    """The diffusers scheduler under <path>/scheduler (any class with alphas_cumprod); a hub
+    pipeline that keeps scheduler_config.json beside the UNet's config works too."""
     import diffusers
 
-    config_file = Path(path) / "scheduler" / "scheduler_config.json"
+    root = denoiser_root(path)
+    folder = root / "scheduler"
+    if not (folder / "scheduler_config.json").is_file():
+        folder = root  # the google/ddpm-* layout: UNet and scheduler configs side by side
+    config_file = folder / "scheduler_config.json"
     if not config_file.is_file():
         raise UserError(f"denoiser {path} has no scheduler/scheduler_config.json")
     class_name = _read_config(config_file).get("_class_name", "DDPMScheduler")
@@ -52,7 +69,7 @@ def load_scheduler(path: str | Path):
         scheduler_class, diffusers.SchedulerMixin
     ):
         raise UserError(f"denoiser {path}: unknown scheduler class {class_name!r}")
-    scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler")
+    scheduler = scheduler_class.from_pretrained(folder)
     if not hasattr(scheduler, "alphas_cumprod"):
         raise UserError(f"denoiser {path}: scheduler {class_name} has no alphas_cumprod")
     return scheduler
@@ -62,10 +79,7 @@ def load_unet(path: str | Path):
     """The UNet2DModel saved by diffusers' save_pretrained at `path` (or `path`/unet)."""
     from diffusers import UNet2DModel
 
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"denoiser.path {path} is not a directory")
-    unet_dir = _unet_dir(path)
+    unet_dir = _unet_dir(denoiser_root(path))
     if not (unet_dir / "config.json").is_file():
         raise UserError(f"denoiser.path {path} holds no UNet config.json (save_pretrained output)")
     # from_pretrained builds a UNet2DModel from another class's config with only a warning
@@ -89,84 +103,52 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def load_denoiser(path: str | Path) -> OneShotDenoiser:
+def denoiser_meta(path: str | Path) -> dict:
+    """<path>/msscale_denoiser.json, checked; {"timestep_scale": 1.0} where there is none.
+
+    `timestep_scale`: the UNet's input timestep is the scheduler's times this factor
+    (improved-diffusion models trained with rescale_timesteps: 1000 / steps).
+    """
+    file = denoiser_root(path) / DENOISER_META
+    if not file.is_file():
+        return {"timestep_scale": 1.0}
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{file} is not valid JSON: {err}") from None
+    scale = meta.get("timestep_scale", 1.0) if isinstance(meta, dict) else None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise UserError(f"{file}: timestep_scale must be a positive number, got {scale!r}")
+    return {**meta, "timestep_scale": float(scale)}
+
+
+def alphas_cumprod_of(scheduler) -> torch.Tensor:
+    """The scheduler's alphas_cumprod; from its trained_betas in float64 where it has them.
+
+    diffusers accumulates the product in float32, which drifts by about 1e-5 relative over
+    4000 cosine steps; the float64 product of the stored betas is exact to float32 rounding.
+    """
+    trained = scheduler.config.get("trained_betas")
+    if trained is None:
+        return torch.as_tensor(scheduler.alphas_cumprod)
+    return torch.cumprod(1 - torch.tensor(trained, dtype=torch.float64), dim=0)
+
+
+def load_denoiser(path: str | Path, fit: str = "resize") -> OneShotDenoiser:
     """A one-shot denoiser from a diffusers directory: UNet weights plus scheduler/."""
     unet = load_unet(path)
     scheduler = load_scheduler(path)
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod)
-    return OneShotDenoiser(unet.eval(), alphas_cumprod, prediction_type)
-
-
-def _read_state_dict(checkpoint: Path) -> dict:
-    regular_file(checkpoint, "classifier.checkpoint")
-    if checkpoint.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(checkpoint)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise UserError(
-                f"classifier.checkpoint {checkpoint} is not a readable safetensors file: {err}"
-            ) from None
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # a bad pickle can raise almost anything
-        raise UserError(f"classifier.checkpoint {checkpoint} cannot be read: {err}") from None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return state
-
-
-def _head_classes(model, state: dict) -> int | None:
-    head = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    weight = state.get(f"{head}.weight") if head else None
-    return None if weight is None else int(weight.shape[0])
-
-
-def build_classifier(cfg: dict) -> Classifier:
-    """A timm classifier from the config's `classifier` section (docs/design.md §4)."""
-    import timm
-
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # a random-init classifier is the same in every process
-            model = timm.create_model(
-                cfg["name"], pretrained=False, num_classes=cfg["num_classes"], **cfg["kwargs"]
-            )
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise UserError(f"classifier.name {cfg['name']!r}: cannot build it: {err}") from None
-    if cfg["checkpoint"] is not None:
-        state = _read_state_dict(Path(cfg["checkpoint"]))
-        found = _head_classes(model, state)
-        if found is not None and found != cfg["num_classes"]:
-            raise UserError(
-                f"classifier.checkpoint {cfg['checkpoint']} has {found} classes "
-                f"but classifier.num_classes is {cfg['num_classes']}"
-            )
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
-            raise UserError(
-                f"classifier.checkpoint {cfg['checkpoint']} does not fit {cfg['name']}: {first}"
-            ) from None
-    else:
-        log.warning("classifier.checkpoint is null: %s has random weights", cfg["name"])
-    data_cfg = timm.data.resolve_data_config({}, model=model)
-    input_size = cfg["input_size"] or data_cfg["input_size"][-1]
-    mean = cfg["mean"] or list(data_cfg["mean"])
-    std = cfg["std"] or list(data_cfg["std"])
-    return Classifier(model.eval(), input_size, mean, std)
+    scale = denoiser_meta(path)["timestep_scale"]
+    return OneShotDenoiser(
+        unet.eval(), alphas_cumprod_of(scheduler), prediction_type, scale, fit=fit
+    )
 
 
 def build_smoothed_model(cfg: dict, device: torch.device) -> DenoiseAndClassify:
     """Denoiser + classifier of a certify config, frozen, on `device`."""
-    model = DenoiseAndClassify(
-        load_denoiser(cfg["denoiser"]["path"]), build_classifier(cfg["classifier"])
-    )
+    denoiser = load_denoiser(cfg["denoiser"]["path"], cfg["denoiser"].get("fit", "resize"))
+    model = DenoiseAndClassify(denoiser, build_classifier(cfg["classifier"]))
     model.requires_grad_(False)
     return model.eval().to(device)
 
@@ -176,14 +158,14 @@ def prepare_for_inference(model: DenoiseAndClassify, cfg: dict) -> DenoiseAndCla
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if cfg["compile"]:
-        model.compile(dynamic=False)  # VoteSampler pads the last batch: one shape only
+        model.compile(dynamic=False)  # ShardSampler pads the last batch: one shape only
     return model
 
 
 def model_fingerprint(cfg: dict) -> str:
     """sha256 over the denoiser's files and the classifier's name and weights."""
     digest = hashlib.sha256()
-    root = Path(cfg["denoiser"]["path"])
+    root = denoiser_root(cfg["denoiser"]["path"])
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         if file.suffix in WEIGHT_SUFFIXES or file.suffix == ".json":
             digest.update(str(file.relative_to(root)).encode())
@@ -194,14 +176,16 @@ def model_fingerprint(cfg: dict) -> str:
             {k: v for k, v in classifier.items() if k != "checkpoint"}, sort_keys=True
         ).encode()
     )
-    if classifier["checkpoint"] is not None:
-        checkpoint = regular_file(classifier["checkpoint"], "classifier.checkpoint")
-        digest.update(sha256_file(checkpoint).encode())
+    for file in classifier_files(classifier):  # checkpoint, timm's pretrained file, HF dir
+        digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 
-def save_denoiser(unet, scheduler, path: str | Path) -> None:
-    """Write a denoiser directory that load_denoiser reads: UNet at the top, scheduler/."""
+def save_denoiser(unet, scheduler, path: str | Path, meta: dict | None = None) -> None:
+    """Write a denoiser directory that load_denoiser reads: UNet at the top, scheduler/,
+    and msscale_denoiser.json where `meta` is given (see denoiser_meta)."""
     path = Path(path)
     unet.save_pretrained(path)
     scheduler.save_pretrained(path / "scheduler")
+    if meta is not None:
+        (path / DENOISER_META).write_text(json.dumps(meta, indent=2) + "\n")

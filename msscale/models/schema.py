@@ -14,13 +14,16 @@ def rgb_values(path: str, values: list[float]) -> None:
         raise UserError(f"config key {path}: expected positive values, got {values}")
 
 
-CLASSIFIER = {
-    "name": Key(str, help="timm model name", check=nonempty),
-    "checkpoint": Key(str, None, nullable=True, help="local weights file; null = random init",
+CLASSIFIER = {  # msscale/models/classifiers.py
+    "source": Key(str, "timm", choices=("timm", "transformers")),
+    "name": Key(str, help="timm model name; transformers: a directory or hub id", check=nonempty),
+    "pretrained": Key(bool, False, help="timm: timm's pretrained weights (Hugging Face cache)"),
+    "checkpoint": Key(str, None, nullable=True, help="timm: local weights file",
                       check=nonempty),
     "num_classes": Key(int, min=2),
-    "input_size": Key(int, None, nullable=True, min=1, help="default: the timm config"),
+    "input_size": Key(int, None, nullable=True, min=1, help="default: the model's config"),
+    "interpolation": Key(str, None, nullable=True, choices=("bilinear", "bicubic", "nearest")),
     "mean": Key(list, None, nullable=True, item_type=float, check=rgb_values),
     "std": Key(list, None, nullable=True, item_type=float, check=rgb_values),
-    "kwargs": Key(dict, {}, help="extra timm.create_model arguments"),
+    "kwargs": Key(dict, {}, help="extra timm.create_model / from_pretrained arguments"),
 }

@@ -1,8 +1,11 @@
 """The sampling schedules (docs/design.md §2): which (image, scale) pairs get draws.
 
 `full` draws every scale for every image; `cascade` starts at the largest scale and draws
-a smaller one only for the images whose cascade defers. Either way the draws are the
-counter-based ones of sampling.py, so an image's votes never depend on its neighbours.
+a smaller one only for the images whose cascade defers; `sequential` is the cascade with
+each scale's estimation draws taken look by look and stopped early (docs/sequential.md).
+Whatever the schedule, the draws are the counter-based blocks of sampling.py, so an image's
+votes never depend on its neighbours, and a look's votes are those of the first blocks of
+the `full` schedule.
 """
 
 from __future__ import annotations
@@ -11,11 +14,26 @@ import numpy as np
 import torch
 
 from msscale.smoothing.sampling import ESTIMATE, NUM_STREAMS, SELECT, count_votes, plan_blocks
+from msscale.smoothing.sequential import SequentialRule, run_sequential
 from msscale.smoothing.stats import clopper_pearson_upper
 
 
+def sequential_rule(smoothing: dict) -> SequentialRule:
+    """The look schedule and stopping rule of a config's `smoothing` section."""
+    return SequentialRule.from_settings(
+        smoothing["sigmas"], smoothing["alpha"], smoothing["p0"], smoothing["n"],
+        smoothing["noise_block"], smoothing["first_look"], smoothing["look_growth"],
+        smoothing["radius_tolerance"],
+    )
+
+
 def fit_to_denoiser(images: torch.Tensor, model) -> torch.Tensor:
-    """Resize images [B,3,H,W] to the UNet's sample size, if it has one and they differ."""
+    """Resize images [B,3,H,W] to the UNet's sample size, if it has one and they differ.
+
+    With denoiser.fit=pad they stay as they are: the denoiser pads the noisy image itself.
+    """
+    if getattr(model.denoiser, "fit", "resize") == "pad":
+        return images
     size = model.denoiser.unet.config.sample_size
     if size is None:
         return images
@@ -26,7 +44,7 @@ def fit_to_denoiser(images: torch.Tensor, model) -> torch.Tensor:
 
 
 class VoteSampler:
-    """Draws a chunk of images' votes under the `full` or `cascade` schedule."""
+    """Draws a chunk of images' votes under the `full`, `cascade` or `sequential` schedule."""
 
     def __init__(self, cfg: dict, model, streams: dict, device: torch.device):
         smoothing = cfg["smoothing"]
@@ -44,19 +62,28 @@ class VoteSampler:
         self.timesteps = [model.denoiser.timestep(s) for s in self.sigmas]
         self.autocast = torch.bfloat16 if cfg["precision"] == "bf16" else None
         self.channels_last, self.fixed_batch = cfg["channels_last"], cfg["compile"]
+        if self.schedule == "sequential":
+            self.rule = sequential_rule(smoothing)
+            if streams[ESTIMATE] != range(-(-self.rule.n // self.noise_block)):
+                raise ValueError("a sequential sampler needs all of an image's estimation "
+                                 "blocks (sample splits are refused by plan_shard)")
 
     def votes(self, index: list[int], images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Selection and estimation votes [I, K, C] for these images (global `index`)."""
         images = fit_to_denoiser(images.to(self.device), self.model)
         scales = list(range(len(self.sigmas)))
+        if self.schedule == "sequential":
+            run = run_sequential(_ModelVotes(self, index, images), len(index), self.rule)
+            return run.select, run.estimate
         if self.schedule == "full":
             votes = self._count(list(enumerate(index)), scales, images)
         else:
             votes = self._cascade(index, images)
         return votes[:, :, SELECT], votes[:, :, ESTIMATE]
 
-    def _count(self, rows, scales, images) -> np.ndarray:
-        blocks = plan_blocks(rows, scales, self.streams, self.n_draws, self.noise_block)
+    def _count(self, rows, scales, images, streams=None) -> np.ndarray:
+        streams = self.streams if streams is None else streams
+        blocks = plan_blocks(rows, scales, streams, self.n_draws, self.noise_block)
         return count_votes(
             self.model,
             images,
@@ -89,3 +116,26 @@ class VoteSampler:
         estimate = votes_at_scale[ESTIMATE]
         upper = clopper_pearson_upper(estimate[c_hat], estimate.sum(), self.alpha / (stage + 1))
         return bool(upper < self.p0)
+
+
+class _ModelVotes:
+    """The sequential rule's CountSource over the model: look l's votes are those of the
+    estimation blocks between look l-1's and look l's (looks lie on block boundaries)."""
+
+    def __init__(self, sampler: VoteSampler, index: list[int], images: torch.Tensor):
+        self.sampler, self.index, self.images = sampler, index, images
+        self.num_classes = sampler.num_classes
+        block = sampler.noise_block
+        self.look_blocks = [-(-draws // block) for draws in sampler.rule.looks]
+
+    def select(self, rows: np.ndarray, scale: int) -> np.ndarray:
+        return self._votes(rows, scale, {SELECT: self.sampler.streams[SELECT]})[:, SELECT]
+
+    def estimate(self, rows: np.ndarray, scale: int, look: int) -> np.ndarray:
+        start = self.look_blocks[look - 1] if look else 0
+        blocks = range(start, self.look_blocks[look])
+        return self._votes(rows, scale, {ESTIMATE: blocks})[:, ESTIMATE]
+
+    def _votes(self, rows: np.ndarray, scale: int, streams: dict) -> np.ndarray:
+        pairs = [(int(r), self.index[int(r)]) for r in rows]
+        return self.sampler._count(pairs, [scale], self.images, streams)[rows, scale]
