@@ -3,7 +3,7 @@ counts, the stopping rule, and soundness whatever the stopping time.
 
 Votes are simulated with numpy (no model): a model with known class probabilities per scale
 (a linear classifier's in closed form, or random ones). Expected values come from that ground
-truth or from an independent reference of docs/sequential.md written below from the text
+truth or from an independent reference of docs/design.md §1.5 written below from the text
 alone (it reuses test_stats' reference of the fixed-n bounds of design.md §1.2).
 """
 
@@ -28,7 +28,7 @@ from msscale.smoothing.sequential import (
 from msscale.smoothing.stats import certify_table
 
 # ============================================================================================
-# Independent reference (written from docs/sequential.md, not from sequential.py)
+# Independent reference (written from docs/design.md §1.5, not from sequential.py)
 # ============================================================================================
 
 
@@ -49,7 +49,7 @@ def ref_weights(num_looks):
 
 
 class Ref:
-    """The certificate and the stopping rule of docs/sequential.md, one image at a time."""
+    """The certificate and the stopping rule of docs/design.md §1.5, one image at a time."""
 
     def __init__(self, sigmas, alpha, p0, looks, weights, tol):
         self.sigmas, self.alpha, self.p0 = list(sigmas), alpha, p0

@@ -14,7 +14,7 @@ was SIGKILLed by the kernel, or the configuration's processes together went over
 budget (`bench.mem_budget_gb`; by default the memory available when the configuration
 starts, less `bench.mem_reserve_gb`), at which point the bench kills them itself so that a
 shared machine's OOM killer never has to choose. Checkpoints and the export are not timed
-(msscale finetune does them; docs/finetune_scale.md).
+(msscale finetune does them; docs/design.md §3.7).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def select_scales(counts: Counts, sigmas: list[float] | None) -> list[int]:
 def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Certificates:
     """The cascade certificate (docs/design.md §1.2) over `sigmas` (default: all), from counts;
     for counts of the `sequential` schedule, at the levels of the recorded look schedule
-    (docs/sequential.md)."""
+    (docs/design.md §1.5)."""
     if not len(counts.index):  # every summary would be a mean over nothing: NaN
         raise UserError("the counts hold no images: there is nothing to certify")
     if sigmas is not None and not sigmas:
@@ -262,7 +262,7 @@ def render_markdown(summary: dict) -> str:
         "Model evaluations per image (selection and estimation draws, mean): "
         + ", ".join(f"{name} schedule {value:.0f}" for name, value in per_schedule.items())
         + ". The sequential schedule stops a scale's estimation draws early "
-        "(docs/sequential.md); n is the most it draws.",
+        "(docs/design.md §1.5); n is the most it draws.",
         "",
     ] if per_schedule else []
     return "\n".join(

@@ -53,7 +53,7 @@ CERTIFY_SCHEMA = {
         "alpha": Key(float, 0.001, min=1e-12, check=_below_half),
         "p0": Key(float, 0.5, min=0.5, max=0.999999),
         "schedule": Key(str, "full", choices=("full", "cascade", "sequential"),
-                        help="sequential: the cascade stopped early (docs/sequential.md)"),
+                        help="sequential: the cascade stopped early (docs/design.md §1.5)"),
         "radius_tolerance": Key(
             float, 0.02, min=0.0,
             help="sequential: stop a certifiable scale once n draws would add less radius",

@@ -64,7 +64,7 @@ def shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams) 
 
 def sequential_meta(smoothing: dict) -> dict:
     """The settings and the look schedule of the sequential rule: the certificate reads its
-    levels from the recorded looks and weights (docs/sequential.md)."""
+    levels from the recorded looks and weights (docs/design.md §1.5)."""
     rule = sequential_rule(smoothing)
     return {
         **{key: smoothing[key] for key in SEQUENTIAL_KEYS},

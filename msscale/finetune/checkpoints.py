@@ -224,7 +224,7 @@ def _convert_to_universal(checkpoint: Path, target: Path, processes: int) -> str
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         return (f"cannot load {checkpoint} (written by {saved_world_size(checkpoint)} processes) "
                 f"with {processes}: DeepSpeed's ds_to_universal failed ({last}); resume with "
-                f"{saved_world_size(checkpoint)} processes, or see docs/finetune_scale.md for "
+                f"{saved_world_size(checkpoint)} processes, or see docs/design.md §3.7 for "
                 f"the conversion by hand")
     for entry in checkpoint.iterdir():
         if entry.name not in (DEEPSPEED_STATE, UNIVERSAL, tmp.name):

@@ -1,4 +1,4 @@
-"""The EMA of the UNet that final/ exports (docs/design.md §1.4, docs/finetune_scale.md).
+"""The EMA of the UNet that final/ exports (docs/design.md §1.4, §3.7).
 
 Two kinds behind one interface (step, save_pretrained, load_pretrained, unet), so the loop's
 checkpoints and its export do not ask which engine runs:

@@ -4,7 +4,7 @@ One process per device, started by torchrun, `accelerate launch`, submitit
 (msscale/finetune/job.py) or plainly as one process. The UNet trains; the classifier is
 frozen in eval mode (gradients flow through it into the UNet, its weights never change).
 Plain DDP without a DeepSpeed config, DeepSpeed ZeRO (stage 2 or 3) with one; under ZeRO-3
-the EMA lives on the partitions (msscale/finetune/ema.py, docs/finetune_scale.md).
+the EMA lives on the partitions (msscale/finetune/ema.py, docs/design.md §3.7).
 
 Resume is on by default: step count, optimizer, LR schedule and EMA come back from
 `<out>/checkpoints/latest`, and the data stream is seeded from the step, so it moves forward
@@ -225,7 +225,7 @@ def resume(accelerator, run: Trainee, out: Path, latest: Path | None):
 
 
 def log_run_shape(cfg: dict, accelerator, micro_batch: int) -> None:
-    """The batch arithmetic and the schedule's unit, once at start (docs/finetune_scale.md)."""
+    """The batch arithmetic and the schedule's unit, once at start (docs/design.md §3.7)."""
     train_cfg, world = cfg["train"], accelerator.num_processes
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     nodes = max(world // max(per_node, 1), 1)

@@ -1,4 +1,4 @@
-"""ZeRO-3's partitions as the loop sees them (docs/finetune_scale.md): a rank's share, whole
+"""ZeRO-3's partitions as the loop sees them (docs/design.md §3.7): a rank's share, whole
 tensors gathered from slices and slices cut from whole tensors, and resuming a checkpoint on
 another number of processes.
 

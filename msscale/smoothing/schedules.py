@@ -2,7 +2,7 @@
 
 `full` draws every scale for every image; `cascade` starts at the largest scale and draws
 a smaller one only for the images whose cascade defers; `sequential` is the cascade with
-each scale's estimation draws taken look by look and stopped early (docs/sequential.md).
+each scale's estimation draws taken look by look and stopped early (docs/design.md §1.5).
 Whatever the schedule, the draws are the counter-based blocks of sampling.py, so an image's
 votes never depend on its neighbours, and a look's votes are those of the first blocks of
 the `full` schedule.

@@ -1,6 +1,6 @@
 """Sequential certification: the cascade with early stopping over a fixed look schedule.
 
-docs/sequential.md has the rule and why it is valid. In short: each scale's estimation counts
+docs/design.md §1.5 has the rule and why it is valid. In short: each scale's estimation counts
 are examined at a few looks fixed in advance (block boundaries up to n); every bound at
 stage s and look l is taken at alpha / (s + 1) * w_l with sum_l w_l = 1, so all looks' bounds
 hold at once with the fixed-n cascade's probability, and the bound at whatever look a scale
@@ -33,7 +33,7 @@ from msscale.smoothing.stats import (
     off_class_upper_bound,
 )
 
-# What a scale's stopped counts say (docs/sequential.md, "The certificate", steps 3-5).
+# What a scale's stopped counts say (docs/design.md §1.5, the certificate, steps 3-5).
 CERTIFY, UNDECIDABLE, DEFER = 0, 1, 2
 
 
@@ -196,7 +196,7 @@ def _stage_outcome(select, c_hat, estimate, used, rows, scale, stage, rule):
 
 
 def certify_sequential_table(select, estimate, used, rule: SequentialRule):
-    """The certificate of docs/sequential.md for [I, K, C] counts and [I, K] draws used.
+    """The certificate of docs/design.md §1.5 for [I, K, C] counts and [I, K] draws used.
 
     Returns (predict [I] int64, radius [I] float64, stage [I] int64), as stats.certify_table.
     With rule.looks = (n,) and weights (1,) it equals the fixed-n cascade.
@@ -333,7 +333,7 @@ def _undecidable_stops(hits, stage, look, rule) -> np.ndarray:
 
 
 def _look(select, estimate, used, rows, scale, stage, look, rule, caps):
-    """(stop [rows], decision [rows]) at this look: docs/sequential.md, the stopping rule."""
+    """(stop [rows], decision [rows]) at this look: docs/design.md §1.5, the stopping rule."""
     c_hat = np.zeros(select.shape[0], np.int64)
     c_hat[rows] = np.argmax(select[rows, scale], axis=1)
     counts = estimate[rows, scale]
@@ -359,7 +359,7 @@ def _look(select, estimate, used, rows, scale, stage, look, rule, caps):
 
 
 def run_sequential(source: CountSource, num_images: int, rule: SequentialRule) -> SequentialRun:
-    """Draw and stop per docs/sequential.md; certificates from the stopped counts.
+    """Draw and stop per docs/design.md §1.5; certificates from the stopped counts.
 
     Stage by stage from the largest scale, look by look: the images still at a scale get
     the estimation draws up to the next look, and each image stops or continues on its own
