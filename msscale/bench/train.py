@@ -327,6 +327,9 @@ def summarize(ranks: list[dict], returncode: int, watch: dict, tail: str, ft: di
              "peak_gpu_gb_per_rank": round(max(gpu), 2) if gpu else None,
              "parameters": next((r["parameters"] for r in ranks if "parameters" in r), None),
              "reached": sorted({r.get("phase", "start") for r in ranks}),
+             # steps a stopped configuration did finish (rank 0's seconds each)
+             "finished_step_seconds": [round(t, 1) for t in
+                                       (ranks[0].get("step_seconds", []) if ranks else [])],
              "step_seconds": None, "images_per_s": None, "images_per_s_per_device": None,
              "fits": None, "reason": None}
     if watch["killed"] and watch["killed"].startswith("went over"):  # the budget or the machine
