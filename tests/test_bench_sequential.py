@@ -85,6 +85,11 @@ def test_run_simulation_reads_a_counts_file(tmp_path):
                              first_look=250, replicates=1)
     assert [r["n"] for r in results] == [1000, 2000]
     assert results[0]["alpha"] == 0.001 and results[0]["looks"] == [250, 500, 1000]
+    counts = fake_counts(10)
+    counts.meta.pop("alpha")
+    save_counts(counts, path)
+    with pytest.raises(UserError, match="no alpha or p0: give --alpha and --p0"):
+        run_simulation(path, ns=(1000,), n0=20, noise_block=250, first_look=250)
 
 
 def test_bench_sequential_command(tmp_path, capsys):

@@ -831,6 +831,10 @@ def test_mixed_image_sizes_are_resized_one_by_one(assets, tmp_path):
     batch = stack_images(images, model, torch.device("cpu"))
     for image, resized in zip(images, batch, strict=True):
         assert torch.equal(resized, fit_to_denoiser(image[None], model)[0])
+    model.denoiser.fit = "pad"  # pads a batch of one size only
+    with pytest.raises(UserError, match="several sizes .* denoiser.fit is pad"):
+        stack_images(images, model, torch.device("cpu"))
+    model.denoiser.fit = "resize"
     model.denoiser.unet.register_to_config(sample_size=None)
     with pytest.raises(UserError, match="several sizes"):
         stack_images(images, model, torch.device("cpu"))

@@ -149,8 +149,10 @@ def run_simulation(counts_path, ns=(10_000, 100_000), tolerances=(0.02,), *, n0=
 
     counts = load_counts(counts_path)
     probs = true_probabilities(counts, prior)
-    alpha = counts.meta["alpha"] if alpha is None else alpha
-    p0 = counts.meta["p0"] if p0 is None else p0
+    alpha = counts.meta.get("alpha") if alpha is None else alpha
+    p0 = counts.meta.get("p0") if p0 is None else p0
+    if alpha is None or p0 is None:
+        raise UserError(f"{counts_path} records no alpha or p0: give --alpha and --p0")
     if min(n0, replicates) < 1 or not tolerances:
         raise UserError("n0 and replicates must be at least 1, with at least one tolerance")
     results = []

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from msscale.atomic import atomic_write_text
-from msscale.config import Key, load_config
+from msscale.config import Key, load_config, nonempty
 from msscale.errors import UserError
 from msscale.models.schema import CLASSIFIER
 
@@ -49,7 +49,8 @@ MIN_BUDGET_GB = 1.0  # below this (from what is available) a configuration is no
 
 BENCH_TRAIN_SCHEMA = {
     "seed": Key(int, 0, min=0),
-    "out": Key(str, "runs/bench-train", help="scratch: random UNet, synthetic shards, runs"),
+    "out": Key(str, "runs/bench-train", check=nonempty,
+               help="scratch: random UNet, synthetic shards, runs"),
     "arch": Key(str, help="the architecture's name in the table"),
     "unet": Key(dict, help="diffusers UNet2DModel config (random weights)"),
     "scheduler": Key(dict, {"num_train_timesteps": 1000}, help="DDPMScheduler arguments"),

@@ -89,8 +89,12 @@ def stack_images(images, model, device) -> torch.Tensor:
     hold them otherwise; a UNet without a sample size cannot take them."""
     if len({tuple(image.shape) for image in images}) == 1:
         return torch.stack(images)  # the usual case: resized as a batch, on the device
+    sizes = sorted({tuple(image.shape[1:]) for image in images})
+    if getattr(model.denoiser, "fit", "resize") == "pad":
+        raise UserError(f"the images have several sizes ({sizes[0]}, {sizes[1]}, ...) and "
+                        "denoiser.fit is pad, which pads a batch of one size: make the shards "
+                        "with --image-size, or use denoiser.fit=resize")
     if model.denoiser.unet.config.sample_size is None:
-        sizes = sorted({tuple(image.shape[1:]) for image in images})
         raise UserError(f"the images have several sizes ({sizes[0]}, {sizes[1]}, ...) and the "
                         "UNet has no sample_size to resize them to: make the shards with "
                         "--image-size")

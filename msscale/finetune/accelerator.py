@@ -89,7 +89,8 @@ def resolve_deepspeed_config(
     _fill(ds, "bf16.enabled", mixed_precision == "bf16", "train.mixed_precision")
     ds.setdefault("fp16", {})["enabled"] = False
     if stage == 3:
-        # The final export and checkpoints gather the full weights.
+        # msscale's own export gathers the EMA (finetune/ema.py); this keeps Accelerate's
+        # get_state_dict and save_model whole for users of the engine.
         _fill(ds, "zero_optimization.stage3_gather_16bit_weights_on_model_save", True,
               "a whole model at export")
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size",

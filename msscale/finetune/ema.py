@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from msscale.finetune.zero3 import gather_partitions, local_slice
+from msscale.finetune.zero3 import gather_partitions, local_slice, unet_from_state_dict
 
 EMA_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -151,14 +151,3 @@ class PartitionedEMA:
         with safe_open(str(path / EMA_WEIGHTS), framework="pt") as weights:
             for name, param, shadow in zip(self.names, self.params, self.shadow, strict=True):
                 shadow.copy_(local_slice(param, weights.get_tensor(name).float()))
-
-
-def unet_from_state_dict(unet_config, state: dict):
-    """A UNet2DModel of `unet_config` holding `state` (built on the meta device: no copy)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DModel
-
-    with init_empty_weights():
-        unet = UNet2DModel.from_config(unet_config)
-    unet.load_state_dict(state, strict=True, assign=True)
-    return unet

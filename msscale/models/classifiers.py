@@ -11,8 +11,8 @@ Preprocessing (docs/design.md §1.1): the denoised image is resized to the class
 resolution with its interpolation and normalised with its mean and std. Each of
 `input_size`, `interpolation`, `mean`, `std` is taken from the config where set, else from
 timm's resolve_data_config or the transformers image processor's config (`size` or
-`crop_size`, `resample`, `image_mean`, `image_std`). The whole image is resized; centre
-crops are left to the data (make-shards crops ImageNet to the denoiser's size).
+`crop_size`, `resample`, `image_mean`, `image_std`). The whole image is resized; crops
+are left to the data (docs/reproduce.md: how the ImageNet shards are made).
 """
 
 from __future__ import annotations
