@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import torch
 
-from msscale.bench.sequential import RADII
+from msscale.bench.sequential import RADII, accuracy_cells, radius_header
 from msscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,14 @@ def format_schedules(result: dict) -> list[str]:
         f"schedules on {result['images']} images, n0={result['n0']}, n={result['n']}, "
         f"alpha={result['alpha']}, p0={result['p0']}; sequential: looks {list(result['looks'])}, "
         f"radius_tolerance {result['radius_tolerance']}",
-        f"{'schedule':12}{'evals/image':>12}{'fewer':>8}{'s/image':>9}   certified accuracy (%) "
-        + " ".join(f"{'r=' + str(r):>6}" for r in RADII),
+        f"{'schedule':12}{'evals/image':>12}{'fewer':>8}{'s/image':>9}   certified accuracy (%)"
+        + radius_header(7),
     ]
     for name, row in result["schedules"].items():
         evals = row["evaluations_per_image"]
         lines.append(
             f"{name:12}{evals:>12.0f}{full / evals:>7.2f}x{row['seconds_per_image']:>9.2f}"
-            f"{'':26}" + " ".join(f"{100 * row['certified_accuracy'][str(r)]:>6.1f}"
-                                  for r in RADII)
+            f"{'':25}{accuracy_cells(row, 7)}"
         )
     lines.append("(fewer: how many times fewer model evaluations per image than full)")
     return lines

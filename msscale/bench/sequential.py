@@ -117,6 +117,16 @@ def simulate(probs: np.ndarray, label: np.ndarray, rule: SequentialRule, n0: int
     }
 
 
+def radius_header(width: int) -> str:
+    """The r=... column titles of a certified-accuracy table, each `width` wide."""
+    return "".join(f"{'r=' + str(r):>{width}}" for r in RADII)
+
+
+def accuracy_cells(row: dict, width: int) -> str:
+    """A schedule's certified accuracy (%) at RADII, each cell `width` wide."""
+    return "".join(f"{100 * row['certified_accuracy'][str(r)]:>{width}.1f}" for r in RADII)
+
+
 def format_simulation(results: list[dict]) -> str:
     """One table per n: model evaluations per image, how many times fewer than `cascade`,
     and certified accuracy (%) at each radius, per schedule."""
@@ -127,14 +137,12 @@ def format_simulation(results: list[dict]) -> str:
             f"n={result['n']}, n0={result['n0']}, {result['images']} images x "
             f"{result['replicates']} replicates, alpha={result['alpha']}, p0={result['p0']}, "
             f"sigmas={result['sigmas']}, looks={result['looks']}",
-            f"{'schedule':22}{'evals/image':>12}{'vs cascade':>11}"
-            + "".join(f"{'r=' + str(r):>8}" for r in RADII),
+            f"{'schedule':22}{'evals/image':>12}{'vs cascade':>11}{radius_header(8)}",
         ]
         for name, row in result["schedules"].items():
             evals = row["evaluations_per_image"]
             lines.append(
-                f"{name:22}{evals:>12.0f}{cascade / evals:>10.2f}x"
-                + "".join(f"{100 * row['certified_accuracy'][str(r)]:>8.1f}" for r in RADII)
+                f"{name:22}{evals:>12.0f}{cascade / evals:>10.2f}x{accuracy_cells(row, 8)}"
             )
         lines.append("")
     return "\n".join(lines)
