@@ -171,10 +171,11 @@ def export_final(model, noise_scheduler, out: Path, meta: dict | None = None) ->
     check_finite."""
     from msscale.models.loading import save_denoiser
 
-    check_finite(model.float(), noise_scheduler, out / FINAL)
+    model = model.float()
+    check_finite(model, noise_scheduler, out / FINAL)
     final, tmp = out / FINAL, out / f".{FINAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_denoiser(model.float(), noise_scheduler, tmp, meta)
+    save_denoiser(model, noise_scheduler, tmp, meta)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
