@@ -33,6 +33,18 @@ def test_terms_on_hand_made_probabilities():
     assert brier(PROBS, LABELS)[1].item() == pytest.approx(expected)
 
 
+def test_votes_rule_follows_the_cascade_threshold_not_the_mean():
+    # Label 0; two draws vote 0 confidently, two vote 1 weakly: the mean ranks 0 first.
+    probs = torch.tensor([[[0.9, 0.1, 0.0]], [[0.9, 0.1, 0.0]],
+                          [[0.4, 0.6, 0.0]], [[0.4, 0.6, 0.0]]])
+    label = torch.tensor([0])
+    assert recoverable(probs, label, "mean").tolist() == [1.0]
+    assert recoverable(probs, label, "votes", p0=0.5).tolist() == [1.0]  # 2 of 4 votes
+    assert recoverable(probs, label, "votes", p0=0.75).tolist() == [0.0]
+    with pytest.raises(ValueError, match="not one of"):
+        recoverable(probs, label, "median")
+
+
 def test_total_loss_weights_each_term_as_designed():
     logits = PROBS.log()  # softmax(log p) = p
     parts = calibration_loss(logits, LABELS, torch.tensor(0.1, dtype=torch.float64),

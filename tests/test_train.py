@@ -166,16 +166,20 @@ def test_deepspeed_zero2_two_gloo_processes_keep_identical_parameters(assets, tm
     assert len(shards) == 2, shards
 
 
-def _tb_tags(tb_dir: Path) -> tuple[set, set]:
+def _tb_tags(tb_dir: Path) -> tuple[set, set, dict]:
+    """Scalar and image tags, and each histogram tag's image count at its last step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars, images = set(), set()
+    scalars, images, histograms = set(), set(), {}
     for events in tb_dir.glob("events.*"):
-        acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0,
+                                                           "histograms": 0})
         acc.Reload()
         scalars |= set(acc.Tags()["scalars"])
         images |= set(acc.Tags()["images"])
-    return scalars, images
+        for tag in acc.Tags()["histograms"]:
+            histograms[tag] = acc.Histograms(tag)[-1].histogram_value.num
+    return scalars, images, histograms
 
 
 def test_killed_run_resumes_from_latest_and_finishes(assets, tmp_path):
@@ -221,13 +225,19 @@ def test_killed_run_resumes_from_latest_and_finishes(assets, tmp_path):
     denoiser = load_denoiser(out / "final")  # what a certify config's denoiser.path loads
     assert denoiser.unet.config.sample_size == 16
 
-    scalars, images = _tb_tags(out / "tb")
+    scalars, images, histograms = _tb_tags(out / "tb")
     for tag in ("loss/total", "loss/brier", "loss/anti_consistency", "loss/diffusion",
                 "recoverable/sigma_0.25", "recoverable/sigma_1", "train/lr", "train/grad_norm",
                 "perf/images_per_s_per_device", "eval/sigma_0.5/denoise_classify_acc",
-                "eval/sigma_0.5/smoothed_acc", "eval/sigma_0.5/defer_fraction"):
+                "eval/sigma_0.5/smoothed_acc", "eval/sigma_0.5/defer_fraction",
+                "eval/sigma_1/confidently_wrong"):
         assert tag in scalars, (tag, sorted(scalars))
     assert "eval/sigma_0.25/noisy_denoised_clean" in images
+    # pA of every validation image, right or wrong, at each scale
+    for sigma in ("0.25", "0.5", "1"):
+        shares = [histograms.get(f"eval/sigma_{sigma}/top_share_{kind}", 0)
+                  for kind in ("right", "wrong")]
+        assert sum(shares) == 8, (sigma, histograms)  # data.val_images
 
 
 TRAINER_STATE = "trainer_state.json"

@@ -14,16 +14,21 @@ from msscale.finetune.objective import Scales
 log = logging.getLogger(__name__)
 
 GRID_IMAGES = 8
+SHARE_BINS = [i / 20 for i in range(21)]  # pA histograms: bins 0.05 wide over [0, 1]
 
 
 
 @torch.no_grad()
 def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch_size: int):
-    """Per scale over the validation images (each read once, in order, split over ranks):
-    denoise-and-classify accuracy of single draws, smoothed (majority of M draws) accuracy,
-    and the fraction the cascade would defer (top class share of the M draws below p0).
+    """Per scale over the validation images (each read once, in order, split over ranks),
+    from `calibration.eval_draws` draws per image: denoise-and-classify accuracy of single
+    draws, smoothed (majority vote) accuracy, the fraction the cascade would defer (top class
+    share below p0), the fraction confidently wrong (a wrong top class holding >= p0: what
+    the cascade can neither defer nor get right), and the top class's share (pA) of the
+    images whose top class is right and of those whose top class is wrong.
 
-    Returns ({tag: value}, {sigma: grid tensor}) on every rank; the grid is rank 0's.
+    Returns ({tag: value}, {sigma: grid tensor}, {tag: shares}) on every rank; the grid is
+    rank 0's, shares are numpy arrays of pA over all ranks' images.
     Every rank runs the same number of denoiser calls: under ZeRO-3 each call gathers the
     UNet's partitions from every rank, so a rank with fewer images runs a blank batch that
     is not counted rather than leaving the others waiting.
@@ -37,8 +42,11 @@ def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch
     # Fixed noise, so evaluations at different steps compare like with like.
     generator = torch.Generator(device).manual_seed(
         seed_for(cfg["seed"], accelerator.process_index, 7))
-    tally = torch.zeros(len(scales.sigmas), 4, device=device)  # base, smoothed, defer, images
-    grids, batch, draws = {}, [], cal["draws"]
+    # base, smoothed, defer, images, confidently wrong
+    tally = torch.zeros(len(scales.sigmas), 5, device=device)
+    grids, batch, draws = {}, [], cal["eval_draws"]
+    # images by [scale, top class right/wrong, top class votes 0..draws]: pA's distribution
+    by_share = torch.zeros(len(scales.sigmas), 2, draws + 1, device=device)
 
     size = cfg["data"]["image_size"]
     batches = math.ceil(math.ceil(count / accelerator.num_processes) / batch_size)  # rank 0's
@@ -61,8 +69,12 @@ def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch
             top_count, top = votes.max(-1)  # ties: lowest class index
             tally[k, 0] += (preds == labels).float().mean(0).sum()
             tally[k, 1] += (top == labels).float().sum()
-            tally[k, 2] += (top_count < cal["p0"] * draws).float().sum()
+            defer = top_count < cal["p0"] * draws
+            tally[k, 2] += defer.float().sum()
             tally[k, 3] += len(labels)
+            tally[k, 4] += ((top != labels) & ~defer).float().sum()
+            by_share[k, 0] += torch.bincount(top_count[top == labels], minlength=draws + 1)
+            by_share[k, 1] += torch.bincount(top_count[top != labels], minlength=draws + 1)
             if sigma not in grids and accelerator.is_main_process:
                 n = min(GRID_IMAGES, len(labels))
                 grids[sigma] = torch.cat([noisy[:n].clamp(0, 1), denoised[:n], images[:n]]).float()
@@ -79,13 +91,19 @@ def evaluate(accelerator, denoiser, classifier, cfg: dict, scales: Scales, batch
     for _ in range(batches - done):
         run([(None, torch.zeros(3, size, size), 0)], counted=False)
     tally = accelerator.reduce(tally, reduction="sum")
-    metrics = {}
+    by_share = accelerator.reduce(by_share, reduction="sum").long().cpu()
+    metrics, shares = {}, {}
+    values = torch.arange(draws + 1, dtype=torch.float64) / draws
     for k, sigma in enumerate(scales.sigmas.tolist()):
         n = max(float(tally[k, 3]), 1.0)
         metrics[f"eval/sigma_{sigma:g}/denoise_classify_acc"] = float(tally[k, 0]) / n
         metrics[f"eval/sigma_{sigma:g}/smoothed_acc"] = float(tally[k, 1]) / n
         metrics[f"eval/sigma_{sigma:g}/defer_fraction"] = float(tally[k, 2]) / n
-    return metrics, grids
+        metrics[f"eval/sigma_{sigma:g}/confidently_wrong"] = float(tally[k, 4]) / n
+        for row, name in enumerate(("right", "wrong")):
+            shares[f"eval/sigma_{sigma:g}/top_share_{name}"] = (
+                values.repeat_interleave(by_share[k, row]).numpy())
+    return metrics, grids, shares
 
 
 class TrainingWindow:
@@ -145,13 +163,16 @@ class TrainingWindow:
         self.reset()
 
 
-def log_eval(writer, metrics: dict, grids: dict, step: int) -> None:
+def log_eval(writer, metrics: dict, grids: dict, shares: dict, step: int) -> None:
     if writer is None:
         return
     from torchvision.utils import make_grid
 
     for tag, value in metrics.items():
         writer.add_scalar(tag, value, step)
+    for tag, values in shares.items():
+        if len(values):  # an empty histogram is an error in TensorBoard's writer
+            writer.add_histogram(tag, values, step, bins=SHARE_BINS)
     for sigma, images in grids.items():
         rows = len(images) // 3
         writer.add_image(f"eval/sigma_{sigma:g}/noisy_denoised_clean",

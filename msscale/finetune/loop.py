@@ -284,7 +284,8 @@ def optimizer_step(accelerator, run: Trainee, stream, window, state, cfg: dict):
                     run.unet, run.classifier, images, labels, scales=run.scales,
                     alphas_cumprod=run.alphas, prediction_type=run.prediction_type,
                     draws=cal["draws"], lambda_ac=cal["lambda_ac"], lambda_dm=cal["lambda_dm"],
-                    generator=generator, timestep_scale=run.meta["timestep_scale"])
+                    generator=generator, timestep_scale=run.meta["timestep_scale"],
+                    rule=cal["recoverable"], p0=cal["p0"])
             finite = torch.isfinite(parts.total.detach()).float().view(1)
             bad = bool(accelerator.reduce(1 - finite, reduction="sum") > 0)
             bad_window |= bad
@@ -331,10 +332,10 @@ def due(step: int, every: int, last: int) -> bool:
 def evaluate_now(accelerator, run: Trainee, cfg: dict, writer, step: int, batch: int) -> None:
     run.unet.eval()
     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=run.bf16):
-        metrics, grids = evaluate(accelerator, run.denoiser, run.classifier, cfg, run.scales,
-                                  batch)
+        metrics, grids, shares = evaluate(accelerator, run.denoiser, run.classifier, cfg,
+                                          run.scales, batch)
     run.unet.train()
-    log_eval(writer, metrics, grids, step)
+    log_eval(writer, metrics, grids, shares, step)
 
 
 def finish(accelerator, run: Trainee, out: Path) -> Path:

@@ -3,7 +3,8 @@
 For an image x with label y at a scale sigma, and M noise draws with class probabilities
 p_m = softmax(F(D_sigma(x + sigma*delta_m))):
 
-    recoverable      = [argmax_c mean_m p_m == y]           (no gradient)
+    recoverable      = [argmax_c mean_m p_m == y]           (no gradient; rule "mean")
+                     = [mean_m [argmax_c p_m == y] >= p0]   (rule "votes")
     Brier            = mean_m || p_m - onehot(y) ||^2       (consistency, recoverable pairs)
     AntiConsistency  = || mean_m p_m ||^2                   (the other pairs)
 
@@ -24,11 +25,26 @@ import torch.nn.functional as F
 
 from msscale.smoothing.denoise import PREDICTION_TYPES
 
+RECOVERABLE_RULES = ("mean", "votes")
 
-def recoverable(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B] float 0/1: whether the mean of the M draws' probabilities ranks y first."""
+
+def recoverable(
+    probs: torch.Tensor, labels: torch.Tensor, rule: str = "mean", p0: float = 0.5
+) -> torch.Tensor:
+    """[B] float 0/1: whether the image counts as recoverable at its scale.
+
+    "mean": the mean of the M draws' probabilities ranks y first (the paper's test).
+    "votes": y is the argmax of at least a share p0 of the M draws, i.e. the cascade's own
+    stopping rule (a scale stops where its top class holds >= p0 of the votes) would stop
+    on y; a pair whose correct votes fall short is pushed to diversity, so that it defers.
+    """
     with torch.no_grad():
-        return (probs.mean(0).argmax(-1) == labels).to(probs.dtype)
+        if rule == "mean":
+            return (probs.mean(0).argmax(-1) == labels).to(probs.dtype)
+        if rule == "votes":
+            share = (probs.argmax(-1) == labels).to(probs.dtype).mean(0)
+            return (share >= p0).to(probs.dtype)
+        raise ValueError(f"recoverable rule {rule!r} is not one of {RECOVERABLE_RULES}")
 
 
 def brier(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,13 +95,16 @@ def calibration_loss(
     *,
     lambda_ac: float,
     lambda_dm: float,
+    rule: str = "mean",
+    p0: float = 0.5,
 ) -> CalibrationLoss:
-    """L of docs/design.md §1.4 from classifier logits [M, B, C], labels [B] and L_diffusion.
+    """L of docs/design.md §1.4 from classifier logits [M, B, C], labels [B] and L_diffusion;
+    `rule` and `p0` choose the recoverable test (see `recoverable`).
 
     Softmax runs in float32 so that bf16 logits give the same probabilities.
     """
     probs = logits.float().softmax(-1)
-    rec = recoverable(probs, labels)
+    rec = recoverable(probs, labels, rule, p0)
     brier_term = (rec * brier(probs, labels)).mean()
     ac_term = ((1 - rec) * anti_consistency(probs)).mean()
     total = brier_term + lambda_ac * ac_term + lambda_dm * diffusion

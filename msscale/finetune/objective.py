@@ -32,7 +32,7 @@ class Scales:
 def calibration_forward(
     unet, classifier, images, labels, *, scales: Scales, alphas_cumprod, prediction_type: str,
     draws: int, lambda_ac: float, lambda_dm: float, generator: torch.Generator,
-    timestep_scale: float = 1.0,
+    timestep_scale: float = 1.0, rule: str = "mean", p0: float = 0.5,
 ):
     """One micro-batch of the calibration loss (docs/design.md §1.4): (loss parts, scale [B]).
 
@@ -68,7 +68,9 @@ def calibration_forward(
     denoised = denoised_image(out_cal, x_cal, abar_cal.to(out_cal.dtype), prediction_type)
     logits = classifier(denoised).view(draws, batch, -1)
     dm = diffusion_loss(out_dm, diffusion_target(x0, noise, abar_dm, prediction_type))
-    return calibration_loss(logits, labels, dm, lambda_ac=lambda_ac, lambda_dm=lambda_dm), scale
+    parts = calibration_loss(logits, labels, dm, lambda_ac=lambda_ac, lambda_dm=lambda_dm,
+                             rule=rule, p0=p0)
+    return parts, scale
 
 
 def null_loss(unet, images: torch.Tensor) -> torch.Tensor:

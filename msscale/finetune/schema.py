@@ -9,6 +9,7 @@ from __future__ import annotations
 from msscale.cluster import SLURM
 from msscale.config import Key, ascending_scales, load_config, nonempty
 from msscale.errors import UserError
+from msscale.finetune.losses import RECOVERABLE_RULES
 from msscale.models.schema import CLASSIFIER
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
@@ -39,10 +40,14 @@ FINETUNE_SCHEMA = {
         "sigma_weights": Key(list, None, nullable=True, item_type=float,
                              help="sampling weight per scale; null = uniform"),
         "draws": Key(int, 4, min=1, help="M: noise draws per image"),
+        "eval_draws": Key(int, 16, min=1, help="noise draws per validation image and scale"),
         "lambda_ac": Key(float, 1.0, min=0.0),
         "lambda_dm": Key(float, 1.0, min=0.0),
+        "recoverable": Key(str, "mean", choices=RECOVERABLE_RULES,
+                           help="mean: argmax of the mean probability is y; votes: y holds "
+                                ">= p0 of the M argmax votes"),
         "p0": Key(float, 0.5, min=0.5, max=0.999999,
-                  help="cascade threshold, for the defer figure"),
+                  help="cascade threshold: the defer figure and the votes rule"),
     },
     "train": {
         "max_steps": Key(int, min=1),
