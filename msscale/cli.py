@@ -172,6 +172,13 @@ def cmd_bench_train(args) -> None:
     sys.stdout.write(json.dumps(result, indent=2) + "\n" if args.json else format_report(result))
 
 
+def cmd_ablate_calibration(args) -> None:
+    from msscale.bench.calibration import format_ablation, load_ablation_config, run_ablation
+
+    cfg = load_ablation_config(args.cfg, args.overrides)
+    sys.stdout.write(format_ablation(run_ablation(cfg), cfg))
+
+
 def cmd_predict(args) -> None:
     from msscale.certify.predict import run_predict
     from msscale.certify.schema import load_certify_config
@@ -306,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg(p)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("ablate-calibration",
+                       help="fine-tune and certify the digits per calibration setting")
+    _add_cfg(p)
+    p.set_defaults(func=cmd_ablate_calibration)
 
     p = sub.add_parser("predict", help="the cascade's prediction without a certificate")
     p.add_argument("--n", type=int, default=200, help="draws per image and scale")
