@@ -8,8 +8,8 @@ import pytest
 
 from msscale.certify.report import RADIUS_GRID
 
-METHODS = {"cohen sigma=0.25", "cohen sigma=0.5", "cohen sigma=1", "cascade (pretrained)",
-           "cascade (fine-tuned)"}
+METHODS = {f"{method} ({unet})" for unet in ("pretrained", "fine-tuned")
+           for method in ("cohen sigma=0.25", "cohen sigma=0.5", "cohen sigma=1", "cascade")}
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_quick_demo_writes_the_table_and_the_picture(tmp_path):
         assert values == sorted(values, reverse=True) and 0 <= values[-1] <= values[0] <= 1
         assert 0 <= method["abstain"] <= 1 and method["acr"] >= 0
     # the pretrained demo models are real: at sigma=0.25 most clean digits are recovered
-    assert summary["methods"]["cohen sigma=0.25"]["certified_accuracy"]["0.0"] >= 0.5
+    assert summary["methods"]["cohen sigma=0.25 (pretrained)"]["certified_accuracy"]["0.0"] >= 0.5
     report = (out / "report.md").read_text()
     assert all(name in report for name in METHODS)
     assert (out / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"

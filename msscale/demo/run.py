@@ -26,39 +26,51 @@ SIGMAS = [0.25, 0.5, 1.0]
 # Sized to finish within 10 minutes (full) and 2 minutes (quick) on 2 CPU cores.
 PRESETS = {
     "full": {"images": 100, "n0": 50, "n": 500, "finetune_steps": 120, "finetune_batch": 16,
-             "shards": 2},
+             "shards": 2, "calibration": []},
     "quick": {"images": 12, "n0": 20, "n": 100, "finetune_steps": 6, "finetune_batch": 8,
-              "shards": 2},
+              "shards": 2, "calibration": []},
 }
 ALPHA = 0.001
 
 
-def _certify_config(out: Path, data: Path, denoiser: Path, preset: dict, schedule: str) -> dict:
-    """The embedded certify config at the preset's size, for `denoiser`."""
+def certify_digits_config(out: Path, test: Path, denoiser: Path, overrides=()) -> dict:
+    """The embedded certify config over the digits' test shards in `test`, for `denoiser`."""
     from msscale.certify.schema import load_certify_config
 
     return load_certify_config(CONFIGS / "certify_digits.yaml", [
         *model_overrides(), f"denoiser.path={denoiser}", f"out={out}",
-        f"data.shards={data / 'dataset.json'}", f"data.max_images={preset['images']}",
-        f"smoothing.sigmas={SIGMAS}", f"smoothing.n0={preset['n0']}",
+        f"data.shards={test / 'dataset.json'}", f"smoothing.sigmas={SIGMAS}", *overrides,
+    ])
+
+
+def finetune_digits(out: Path, data: Path, overrides=()) -> Path:
+    """Calibration fine-tuning of the demo UNet on the digits' shards under `data` (one local
+    process, the code path of tools/submit.py); returns <out>/final."""
+    from msscale.finetune.job import submit_finetune
+
+    return submit_finetune(CONFIGS / "finetune_digits.yaml", [
+        *model_overrides(), f"out={out}",
+        f"data.train_shards={data / 'train' / 'dataset.json'}",
+        f"data.val_shards={data / 'test' / 'dataset.json'}", *overrides,
+    ], nodes=1, cluster="local")
+
+
+def _certify_config(out: Path, data: Path, denoiser: Path, preset: dict) -> dict:
+    """The demo's certification: every scale for every image (the `full` schedule)."""
+    return certify_digits_config(out, data, denoiser, [
+        f"data.max_images={preset['images']}", f"smoothing.n0={preset['n0']}",
         f"smoothing.n={preset['n']}", f"smoothing.alpha={ALPHA}", "smoothing.p0=0.5",
-        f"smoothing.schedule={schedule}",
+        "smoothing.schedule=full",
     ])
 
 
 def _finetune(out: Path, data: Path, preset: dict) -> Path:
-    from msscale.finetune.job import submit_finetune
-
-    overrides = [
-        *model_overrides(), f"out={out}",
-        f"data.train_shards={data / 'train' / 'dataset.json'}",
-        f"data.val_shards={data / 'test' / 'dataset.json'}",
-        f"train.max_steps={preset['finetune_steps']}",
-        f"train.batch_size={preset['finetune_batch']}",
-        f"train.checkpoint_every={preset['finetune_steps']}",
-        f"train.eval_every={preset['finetune_steps']}",
-    ]
-    return submit_finetune(CONFIGS / "finetune_digits.yaml", overrides, nodes=1, cluster="local")
+    steps = preset["finetune_steps"]
+    return finetune_digits(out, data, [
+        f"train.max_steps={steps}", f"train.batch_size={preset['finetune_batch']}",
+        f"train.checkpoint_every={steps}", f"train.eval_every={steps}",
+        *preset["calibration"],
+    ])
 
 
 def run_demo(out: str | Path, quick: bool = False) -> dict:
@@ -74,19 +86,19 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     log.info("step 1/3: calibration fine-tuning (%d steps)", preset["finetune_steps"])
     finetuned = _finetune(out / "finetune", data, preset)
     log.info("step 2/3: certification with the pretrained UNet (full schedule)")
-    cfg = _certify_config(out / "certify-pretrained", data / "test", ASSETS / "denoiser",
-                          preset, "full")
-    pretrained = run_array(cfg, "local", preset["shards"])
-    log.info("step 3/3: certification with the fine-tuned UNet (cascade schedule)")
-    cfg = _certify_config(out / "certify-finetuned", data / "test", finetuned, preset, "cascade")
-    calibrated = run_array(cfg, "local", preset["shards"])
-    single = methods_of(pretrained, ALPHA, 0.5)
-    methods = {f"cohen sigma={s:g}": single[f"sigma={s:g}"] for s in SIGMAS}
-    methods["cascade (pretrained)"] = single["cascade"]
-    methods["cascade (fine-tuned)"] = methods_of(calibrated, ALPHA, 0.5)["cascade"]
+    cfg = _certify_config(out / "certify-pretrained", data / "test", ASSETS / "denoiser", preset)
+    pretrained = methods_of(run_array(cfg, "local", preset["shards"]), ALPHA, 0.5)
+    log.info("step 3/3: certification with the fine-tuned UNet (full schedule)")
+    cfg = _certify_config(out / "certify-finetuned", data / "test", finetuned, preset)
+    counts = run_array(cfg, "local", preset["shards"])
+    finetuned = methods_of(counts, ALPHA, 0.5)
+    methods = {}
+    for unet, certs in (("pretrained", pretrained), ("fine-tuned", finetuned)):
+        methods |= {f"cohen sigma={s:g} ({unet})": certs[f"sigma={s:g}"] for s in SIGMAS}
+        methods[f"cascade ({unet})"] = certs["cascade"]
     summary = {
         "methods": summarize_methods(methods),
-        "n": preset["n"], "n0": preset["n0"], "alpha": ALPHA, "images": len(pretrained.index),
+        "n": preset["n"], "n0": preset["n0"], "alpha": ALPHA, "images": len(counts.index),
         "seconds": round(time.time() - started, 1),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
