@@ -240,3 +240,18 @@ def test_predict_writes_the_cascade_and_per_scale_predictions(assets, tmp_path):
     summary = json.loads((tmp_path / "run" / "predict.json").read_text())
     assert summary["n"] == 30 and summary["p0"] == 0.6
     assert summary["accuracy"]["cascade"] == np.mean([r[4] for r in rows])
+
+
+def test_report_gives_each_share_with_its_interval_over_the_images():
+    from scipy.stats import binomtest
+
+    from msscale.certify.report import RADIUS_GRID, render_markdown
+
+    accuracy = {str(r): 0.0 for r in RADIUS_GRID} | {"0.0": 0.93, "0.25": 0.5}
+    summary = {"images": 100, "methods": {"cascade": {
+        "certified_accuracy": accuracy, "acr": 0.5, "abstain": 0.06, "stages": {"1": 100}}}}
+    row = next(line for line in render_markdown(summary).splitlines()
+               if line.startswith("| cascade"))
+    exact = binomtest(93, 100).proportion_ci(0.95, method="exact")  # scipy's, independent
+    assert f"93.0 [{100 * exact.low:.0f}, {100 * exact.high:.0f}]" in row
+    assert "50.0 [40, 60]" in row and "0.0 [0, 4]" in row and "| 6.0 [2, 13] |" in row

@@ -14,7 +14,12 @@ from msscale.atomic import atomic_path, atomic_write_text
 from msscale.certify.counts import Counts
 from msscale.errors import UserError
 from msscale.smoothing.sequential import SequentialRule, certify_sequential_table
-from msscale.smoothing.stats import certify_table, floor_decimals
+from msscale.smoothing.stats import (
+    certify_table,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    floor_decimals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,7 @@ RADIUS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 #: The files write_results writes (and tb/): none may be the counts they are made from.
 REPORT_FILES = ("certify.tsv", "summary.json", "report.md", "certified_accuracy.png")
 TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\tstage\tsigma"
+CONFIDENCE = 0.95  # of the intervals over images that reports give with each figure
 
 
 @dataclass
@@ -238,15 +244,29 @@ def _legend_label(name: str) -> str:
     return f"{name} alone (Cohen et al.)" if name.startswith("sigma=") else name
 
 
+def accuracy_interval(k: int, images: int) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval, at CONFIDENCE, of k images out of `images`."""
+    tail = (1 - CONFIDENCE) / 2
+    return (float(clopper_pearson_lower(k, images, tail)),
+            float(clopper_pearson_upper(k, images, tail)))
+
+
+def _percent_cell(share: float, images: int) -> str:
+    """'93.0 [86, 97]': a share of the images in %, with its interval."""
+    low, high = accuracy_interval(round(share * images), images)
+    return f"{100 * share:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
 def render_markdown(summary: dict) -> str:
     """A table a person can read without the code: one row per method."""
-    grid = list(RADIUS_GRID)
+    grid, images = list(RADIUS_GRID), summary["images"]
     header = "| method | " + " | ".join(f"r={r}" for r in grid) + " | ACR | abstain (%) |"
     rule = "|" + "---|" * (len(grid) + 3)
     rows = []
     for name, m in summary["methods"].items():
-        cells = " | ".join(f"{100 * m['certified_accuracy'][str(r)]:.1f}" for r in grid)
-        rows.append(f"| {name} | {cells} | {m['acr']:.3f} | {100 * m['abstain']:.1f} |")
+        cells = " | ".join(_percent_cell(m["certified_accuracy"][str(r)], images) for r in grid)
+        abstain = _percent_cell(m["abstain"], images)
+        rows.append(f"| {name} | {cells} | {m['acr']:.3f} | {abstain} |")
     decided = [
         f"- {name}: "
         + ", ".join(f"{k if k == 'none' else f'sigma={k}'}: {v}" for k, v in m["stages"].items())
@@ -279,7 +299,9 @@ def render_markdown(summary: dict) -> str:
             "(sigma=...) are Cohen et al.'s CERTIFY at that sigma alone; the cascade tries the",
             "largest sigma first and defers to a smaller one where its top class is confidently",
             "below p0. Each certificate holds with probability at least 1 - alpha; n0 and n are",
-            "the selection and estimation draws per image and scale.",
+            "the selection and estimation draws per image and scale. In brackets: the two-sided",
+            f"{100 * CONFIDENCE:.0f}% Clopper-Pearson interval of each share over the {images} "
+            "images.",
             "",
             header,
             rule,
