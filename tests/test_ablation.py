@@ -14,6 +14,7 @@ from msscale.bench.calibration import (
     largest_scale_errors,
     load_ablation_config,
     method_figures,
+    paired,
 )
 from msscale.certify.counts import Counts
 from msscale.certify.report import Certificates, certify_counts
@@ -54,6 +55,15 @@ def test_largest_scale_errors_split_wrong_images_by_their_vote_share():
     assert errors == {"wrong": 2, "confidently_wrong": {"0.5": 1, "0.7": 1, "0.8": 0}}
 
 
+def test_paired_counts_discordant_images_and_tests_their_split():
+    a = np.array([True, True, False, False, True])
+    b = np.array([True, False, True, False, False])
+    assert paired(a, b) == {"only_a": 2, "only_b": 1, "p_value": pytest.approx(1.0)}
+    ten = paired(np.ones(10, bool), np.zeros(10, bool))
+    assert ten["p_value"] == pytest.approx(2 * 0.5**10)  # all ten discordant pairs one way
+    assert paired(a, a)["p_value"] == 1.0
+
+
 def test_bad_settings_are_named(tmp_path):
     path = tmp_path / "ablation.yaml"
     path.write_text("settings: {a: [train.max_steps=1], 'b/c': null}\n")
@@ -89,6 +99,10 @@ def test_one_fine_tuned_setting_end_to_end(tmp_path):
         assert result_of["cascade"]["0.7"] == method_figures(cascade)
         single = certify_counts(counts, 0.001, 0.5, [1.0])
         assert result_of["single"]["1"] == method_figures(single)
+        # at r = 0, certified means correct (an abstention is not)
+        assert result_of["claims"]["cascade - smallest scale, r=0"] == paired(
+            certify_counts(counts, 0.001, 0.5).correct.astype(bool),
+            certify_counts(counts, 0.001, 0.5, [0.25]).correct.astype(bool))
     assert (out / "tuned" / "finetune" / "final").is_dir()
     table = (out / "ablation.md").read_text()
     assert table.count("| cascade |") == 2 and "| tuned, p0=0.7 |" in table

@@ -19,16 +19,23 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from statsmodels.stats.proportion import proportion_confint
+from scipy.stats import binomtest
 
 from msscale.atomic import atomic_write_text
+from msscale.certify.report import accuracy_interval
 from msscale.config import Key, load_config, nonempty
 from msscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
-CONFIDENCE = 0.95
+# The README's three claims as paired comparisons on the same images: (name, method A,
+# method B, radii). "first cascade" is the cascade of the config's first setting.
+CLAIMS = (
+    ("cascade - smallest scale", "cascade", "smallest", (0.0,)),
+    ("cascade - largest scale", "cascade", "largest", (1.0, 1.5)),
+    ("cascade - first setting's cascade", "cascade", "first cascade", (0.0, 0.5, 1.0, 1.5)),
+)
 
 ABLATION_SCHEMA = {
     "out": Key(str, "runs/ablate-calibration", check=nonempty),
@@ -68,6 +75,7 @@ def load_ablation_config(path, overrides=()) -> dict:
 def run_ablation(cfg: dict) -> list[dict]:
     """Fine-tune and certify every setting; returns one result per setting (see `results`)."""
     from msscale.certify.array import run_array
+    from msscale.certify.report import certify_counts
     from msscale.demo.embedded import ensure_digits
     from msscale.demo.models import ASSETS
     from msscale.demo.run import certify_digits_config, finetune_digits
@@ -76,7 +84,7 @@ def run_ablation(cfg: dict) -> list[dict]:
     data = out / "data"
     for split in ("train", "test"):
         ensure_digits(split, data / split)
-    results = []
+    results, first = [], None
     for number, (name, setting) in enumerate(cfg["settings"].items(), 1):
         where = out / name
         _claim(where, setting, cfg)
@@ -92,7 +100,8 @@ def run_ablation(cfg: dict) -> list[dict]:
             f"smoothing.n={cfg['n']}", f"smoothing.alpha={cfg['alpha']}",
             "smoothing.schedule=full"])
         counts = run_array(certify, "local", cfg["shards"])
-        results.append({"name": name, "overrides": setting, **results_of(counts, cfg)})
+        first = first or certify_counts(counts, cfg["alpha"], 0.5)
+        results.append({"name": name, "overrides": setting, **results_of(counts, cfg, first)})
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "ablation.md", format_ablation(results, cfg))
     return results
@@ -113,9 +122,8 @@ def _claim(where: Path, setting, cfg: dict) -> None:
 
 
 def interval(k: int, n: int) -> list[float]:
-    """Two-sided Clopper-Pearson interval of k successes in n, at CONFIDENCE."""
-    low, high = proportion_confint(k, n, alpha=1 - CONFIDENCE, method="beta")
-    return [float(low), float(high)]
+    """Two-sided 95% Clopper-Pearson interval of k images out of n (as reports give it)."""
+    return list(accuracy_interval(k, n))
 
 
 def method_figures(certs) -> dict:
@@ -149,15 +157,38 @@ def largest_scale_errors(counts, p0s) -> dict:
             "confidently_wrong": {f"{p0:g}": int(np.sum(wrong & (share >= p0))) for p0 in p0s}}
 
 
-def results_of(counts, cfg: dict) -> dict:
-    """Every method of one setting: the cascade at each p0, Cohen at each scale (p0 = 1/2)."""
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Two methods on the same images (certified or not at some radius): the images only A
+    certifies, those only B does, and the exact two-sided binomial (McNemar) p-value of
+    that split; the difference holds at level 0.05 where p < 0.05."""
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    discordant = only_a + only_b
+    p_value = binomtest(only_a, discordant).pvalue if discordant else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p_value": float(p_value)}
+
+
+def _certified(certs, radius: float) -> np.ndarray:
+    return certs.correct.astype(bool) & (certs.radius >= radius)
+
+
+def results_of(counts, cfg: dict, first_cascade) -> dict:
+    """Every method of one setting: the cascade at each p0, Cohen at each scale (p0 = 1/2),
+    and the CLAIMS at p0 = 1/2 (`first_cascade`: the first setting's cascade certificates)."""
     from msscale.certify.report import certify_counts
 
+    certs = {"cascade": certify_counts(counts, cfg["alpha"], 0.5),
+             "smallest": certify_counts(counts, cfg["alpha"], 0.5, [float(counts.sigmas[0])]),
+             "largest": certify_counts(counts, cfg["alpha"], 0.5, [float(counts.sigmas[-1])]),
+             "first cascade": first_cascade}
+    if not np.array_equal(first_cascade.index, counts.index):
+        raise UserError("the settings certified different images: compare like with like")
+    claims = {f"{name}, r={r:g}": paired(_certified(certs[a], r), _certified(certs[b], r))
+              for name, a, b, radii in CLAIMS for r in radii}
     cascade = {f"{p0:g}": method_figures(certify_counts(counts, cfg["alpha"], p0))
                for p0 in cfg["p0s"]}
     single = {f"{s:g}": method_figures(certify_counts(counts, cfg["alpha"], 0.5, [float(s)]))
               for s in counts.sigmas}
-    return {"cascade": cascade, "single": single,
+    return {"cascade": cascade, "single": single, "claims": claims,
             "largest_scale": largest_scale_errors(counts, cfg["p0s"]),
             "simulated": simulated_methods(counts, cfg)}
 
@@ -225,6 +256,15 @@ def format_ablation(results: list[dict], cfg: dict) -> str:
     for result in results:
         lines += [_row(f"{result['name']}, p0={p0}", figures)
                   for p0, figures in result["cascade"].items()]
+    claims = list(results[0]["claims"])
+    lines += ["", "The README's claims as paired differences on the same images (p0 = 1/2): "
+              "images certified by the first method minus by the second, and the exact "
+              "two-sided McNemar p-value; a difference holds at level 0.05 where p < 0.05:", "",
+              "| setting | " + " | ".join(claims) + " |", "|" + "---|" * (len(claims) + 1)]
+    for result in results:
+        cells = [f"{c['only_a'] - c['only_b']:+d} (p={c['p_value']:.2g})"
+                 for c in result["claims"].values()]
+        lines.append(f"| {result['name']} | " + " | ".join(cells) + " |")
     lines += ["", f"The cascade at larger n, simulated from each setting's counts (votes drawn "
               f"from its shares, {cfg['simulate_replicates']} replicates of the images; "
               "certified accuracy %, mean over replicates):", "",
