@@ -33,7 +33,7 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 # method B, radii). "first cascade" is the cascade of the config's first setting.
 CLAIMS = (
     ("cascade - smallest scale", "cascade", "smallest", (0.0,)),
-    ("cascade - largest scale", "cascade", "largest", (1.0, 1.5)),
+    ("cascade - largest scale", "cascade", "largest", (0.0, 1.0, 1.5)),
     ("cascade - first setting's cascade", "cascade", "first cascade", (0.0, 0.5, 1.0, 1.5)),
 )
 
