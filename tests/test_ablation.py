@@ -10,7 +10,6 @@ import pytest
 from scipy.stats import binomtest
 
 from msscale.bench.calibration import (
-    interval,
     largest_scale_errors,
     load_ablation_config,
     method_figures,
@@ -18,6 +17,7 @@ from msscale.bench.calibration import (
 )
 from msscale.certify.counts import Counts
 from msscale.certify.report import Certificates, certify_counts
+from msscale.certify.report import accuracy_interval as interval
 from msscale.errors import UserError
 
 SIGMAS = np.array([0.25, 0.5, 1.0])
@@ -40,7 +40,7 @@ def test_method_figures_count_images_by_radius_abstention_and_stage():
     assert figures["abstain"] == 1
     assert figures["stages"] == {"0.25": 1, "0.5": 1, "1": 1, "none": 1}
     assert figures["acr"] == pytest.approx((0.3 + 1.2) / 4)
-    assert figures["certified_interval"]["0.5"] == interval(1, 4)
+    assert figures["certified_interval"]["0.5"] == list(interval(1, 4))
 
 
 def test_largest_scale_errors_split_wrong_images_by_their_vote_share():

@@ -6,7 +6,7 @@ the same test digits under the `full` schedule. One set of counts per setting gi
 cascade (at every `p0` of the config, offline, as `msscale recertify` would) and Cohen's
 CERTIFY at each single scale *with that setting's denoiser*, so a gain of the cascade can
 be told apart from a better denoiser at one scale. Every figure is a count of images with a
-two-sided 95% Clopper-Pearson interval (docs/design.md §1.4, "The calibration ablation").
+two-sided 95% Clopper-Pearson interval; the reading of the results is docs/calibration.md.
 
 Settings are run in order and kept: a re-run reuses the fine-tuned UNet and the certified
 shards of every setting that finished and resumes the one that did not.
@@ -73,7 +73,7 @@ def load_ablation_config(path, overrides=()) -> dict:
 
 
 def run_ablation(cfg: dict) -> list[dict]:
-    """Fine-tune and certify every setting; returns one result per setting (see `results`)."""
+    """Fine-tune and certify every setting; returns one result per setting (`results_of`)."""
     from msscale.certify.array import run_array
     from msscale.certify.report import certify_counts
     from msscale.demo.embedded import ensure_digits
@@ -121,11 +121,6 @@ def _claim(where: Path, setting, cfg: dict) -> None:
     atomic_write_text(path, json.dumps(record) + "\n")
 
 
-def interval(k: int, n: int) -> list[float]:
-    """Two-sided 95% Clopper-Pearson interval of k images out of n (as reports give it)."""
-    return list(accuracy_interval(k, n))
-
-
 def method_figures(certs) -> dict:
     """Counts of one method's certificates, with intervals: certified at each radius,
     abstentions, images per stopping scale, and the ACR."""
@@ -139,9 +134,10 @@ def method_figures(certs) -> dict:
     return {
         "images": images,
         "certified": certified,
-        "certified_interval": {r: interval(k, images) for r, k in certified.items()},
+        "certified_interval": {r: list(accuracy_interval(k, images))
+                               for r, k in certified.items()},
         "abstain": abstain,
-        "abstain_interval": interval(abstain, images),
+        "abstain_interval": list(accuracy_interval(abstain, images)),
         "stages": stages,
         "acr": float(np.mean(np.where(correct, certs.radius, 0.0))),
     }
@@ -216,7 +212,7 @@ def simulated_methods(counts, cfg: dict) -> dict:
 
 
 def _cell(k: int, bounds: list[float], images: int) -> str:
-    return (f"{100 * k / images:.0f} [{100 * bounds[0]:.0f}, {100 * bounds[1]:.0f}]")
+    return f"{100 * k / images:.0f} [{100 * bounds[0]:.0f}, {100 * bounds[1]:.0f}]"
 
 
 def _row(label: str, figures: dict) -> str:
