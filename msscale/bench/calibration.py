@@ -22,13 +22,13 @@ import numpy as np
 from scipy.stats import binomtest
 
 from msscale.atomic import atomic_write_text
-from msscale.certify.report import accuracy_interval
+from msscale.bench.sequential import RADII
+from msscale.certify.report import accuracy_interval, certify_counts, method_summary
 from msscale.config import Key, load_config, nonempty
 from msscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
-RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 # The README's three claims as paired comparisons on the same images: (name, method A,
 # method B, radii). "first cascade" is the cascade of the config's first setting.
 CLAIMS = (
@@ -75,7 +75,6 @@ def load_ablation_config(path, overrides=()) -> dict:
 def run_ablation(cfg: dict) -> list[dict]:
     """Fine-tune and certify every setting; returns one result per setting (`results_of`)."""
     from msscale.certify.array import run_array
-    from msscale.certify.report import certify_counts
     from msscale.demo.embedded import ensure_digits
     from msscale.demo.models import ASSETS
     from msscale.demo.run import certify_digits_config, finetune_digits
@@ -87,7 +86,7 @@ def run_ablation(cfg: dict) -> list[dict]:
     results, first = [], None
     for number, (name, setting) in enumerate(cfg["settings"].items(), 1):
         where = out / name
-        _claim(where, setting, cfg)
+        _record_setting(where, setting, cfg)
         log.info("setting %d/%d: %s %s", number, len(cfg["settings"]), name, setting or "")
         denoiser = ASSETS / "denoiser"
         if setting is not None:
@@ -100,14 +99,16 @@ def run_ablation(cfg: dict) -> list[dict]:
             f"smoothing.n={cfg['n']}", f"smoothing.alpha={cfg['alpha']}",
             "smoothing.schedule=full"])
         counts = run_array(certify, "local", cfg["shards"])
-        first = first or certify_counts(counts, cfg["alpha"], 0.5)
-        results.append({"name": name, "overrides": setting, **results_of(counts, cfg, first)})
+        cascade = certify_counts(counts, cfg["alpha"], 0.5)
+        first = first or cascade
+        results.append({"name": name, "overrides": setting,
+                        **results_of(counts, cfg, cascade, first)})
         atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "ablation.md", format_ablation(results, cfg))
     return results
 
 
-def _claim(where: Path, setting, cfg: dict) -> None:
+def _record_setting(where: Path, setting, cfg: dict) -> None:
     """Record what a setting's directory holds; refuse to reuse it for something else."""
     record = {"overrides": setting, "finetune": cfg["finetune"], "images": cfg["images"],
               "n0": cfg["n0"], "n": cfg["n"]}
@@ -122,15 +123,11 @@ def _claim(where: Path, setting, cfg: dict) -> None:
 
 
 def method_figures(certs) -> dict:
-    """Counts of one method's certificates, with intervals: certified at each radius,
-    abstentions, images per stopping scale, and the ACR."""
-    images = len(certs.index)
-    correct = certs.correct.astype(bool)
-    certified = {f"{r:g}": int(np.sum(correct & (certs.radius >= r))) for r in RADII}
-    abstain = int(np.sum(certs.predict == -1))
-    stages = {f"{certs.sigmas[s]:g}": int(np.sum(certs.stage == s))
-              for s in range(len(certs.sigmas))}
-    stages["none"] = int(np.sum(certs.stage == -1))
+    """One method's figures as image counts with their intervals: `method_summary`'s shares
+    times the images (certified at each of RADII, abstentions), its stages and ACR."""
+    summary, images = method_summary(certs), len(certs.index)
+    certified = {f"{r:g}": round(summary["certified_accuracy"][f"{r}"] * images) for r in RADII}
+    abstain = round(summary["abstain"] * images)
     return {
         "images": images,
         "certified": certified,
@@ -138,8 +135,8 @@ def method_figures(certs) -> dict:
                                for r, k in certified.items()},
         "abstain": abstain,
         "abstain_interval": list(accuracy_interval(abstain, images)),
-        "stages": stages,
-        "acr": float(np.mean(np.where(correct, certs.radius, 0.0))),
+        "stages": summary["stages"],
+        "acr": summary["acr"],
     }
 
 
@@ -167,24 +164,23 @@ def _certified(certs, radius: float) -> np.ndarray:
     return certs.correct.astype(bool) & (certs.radius >= radius)
 
 
-def results_of(counts, cfg: dict, first_cascade) -> dict:
+def results_of(counts, cfg: dict, cascade, first_cascade) -> dict:
     """Every method of one setting: the cascade at each p0, Cohen at each scale (p0 = 1/2),
-    and the CLAIMS at p0 = 1/2 (`first_cascade`: the first setting's cascade certificates)."""
-    from msscale.certify.report import certify_counts
-
-    certs = {"cascade": certify_counts(counts, cfg["alpha"], 0.5),
-             "smallest": certify_counts(counts, cfg["alpha"], 0.5, [float(counts.sigmas[0])]),
-             "largest": certify_counts(counts, cfg["alpha"], 0.5, [float(counts.sigmas[-1])]),
-             "first cascade": first_cascade}
+    and the CLAIMS at p0 = 1/2. `cascade`: this setting's cascade certificates at p0 = 1/2,
+    `first_cascade`: the first setting's."""
     if not np.array_equal(first_cascade.index, counts.index):
         raise UserError("the settings certified different images: compare like with like")
+    alpha, sigmas = cfg["alpha"], [float(s) for s in counts.sigmas]
+    singles = {s: certify_counts(counts, alpha, 0.5, [s]) for s in sigmas}
+    certs = {"cascade": cascade, "smallest": singles[sigmas[0]],
+             "largest": singles[sigmas[-1]], "first cascade": first_cascade}
     claims = {f"{name}, r={r:g}": paired(_certified(certs[a], r), _certified(certs[b], r))
               for name, a, b, radii in CLAIMS for r in radii}
-    cascade = {f"{p0:g}": method_figures(certify_counts(counts, cfg["alpha"], p0))
-               for p0 in cfg["p0s"]}
-    single = {f"{s:g}": method_figures(certify_counts(counts, cfg["alpha"], 0.5, [float(s)]))
-              for s in counts.sigmas}
-    return {"cascade": cascade, "single": single, "claims": claims,
+    by_p0 = {f"{p0:g}": method_figures(cascade if p0 == 0.5 else
+                                       certify_counts(counts, alpha, p0))
+             for p0 in cfg["p0s"]}
+    single = {f"{s:g}": method_figures(certs) for s, certs in singles.items()}
+    return {"cascade": by_p0, "single": single, "claims": claims,
             "largest_scale": largest_scale_errors(counts, cfg["p0s"]),
             "simulated": simulated_methods(counts, cfg)}
 

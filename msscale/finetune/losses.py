@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from msscale.finetune.schema import RECOVERABLE_RULES
 from msscale.smoothing.denoise import PREDICTION_TYPES
-
-RECOVERABLE_RULES = ("mean", "votes")
 
 
 def recoverable(

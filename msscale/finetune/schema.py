@@ -9,10 +9,10 @@ from __future__ import annotations
 from msscale.cluster import SLURM
 from msscale.config import Key, ascending_scales, load_config, nonempty
 from msscale.errors import UserError
-from msscale.finetune.losses import RECOVERABLE_RULES
 from msscale.models.schema import CLASSIFIER
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
+RECOVERABLE_RULES = ("mean", "votes")  # msscale/finetune/losses.py, `recoverable`
 
 FINETUNE_SCHEMA = {
     "seed": Key(int, 0, min=0),
