@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from msscale.errors import UserError, run_command
+from msscale.smoothing.certificate import CERTIFICATES, Certificate
 
 log = logging.getLogger("msscale")
 
@@ -107,8 +108,21 @@ def cmd_recertify(args) -> None:
     sigmas = [args.single] if args.single is not None else args.sigmas
     if args.single is not None and args.p0 is None:
         p0 = 0.5  # a single scale is Cohen's CERTIFY unless a p0 is asked for
-    write_tsv(certify_counts(counts, alpha, p0, sigmas), args.out)
-    log.info("wrote %s (alpha=%g, p0=%g, scales=%s)", args.out, alpha, p0, sigmas or "all")
+    certificate = _certificate(counts, args)
+    write_tsv(certify_counts(counts, alpha, p0, sigmas, certificate), args.out)
+    log.info("wrote %s (alpha=%g, p0=%g, scales=%s, %s certificate)", args.out, alpha, p0,
+             sigmas or "all", (certificate or Certificate.from_meta(counts.meta)).rule)
+
+
+def _certificate(counts, args):
+    """The certificate --certificate/--stage-shares name; None: the one the counts record."""
+    if args.certificate is None and args.stage_shares is None:
+        return None
+    rule = args.certificate or Certificate.from_meta(counts.meta).rule
+    try:
+        return Certificate(rule, args.stage_shares)
+    except ValueError as err:
+        raise UserError(f"--certificate/--stage-shares: {err}") from None
 
 
 def cmd_report(args) -> None:
@@ -153,11 +167,15 @@ def cmd_bench_sequential(args) -> None:
 
     from msscale.bench.sequential import format_simulation, run_simulation
 
+    try:
+        certificate = Certificate(args.certificate, args.stage_shares)
+    except ValueError as err:
+        raise UserError(f"--certificate/--stage-shares: {err}") from None
     results = run_simulation(
         args.counts, ns=args.n, tolerances=args.tolerance, n0=args.n0, alpha=args.alpha,
         p0=args.p0, noise_block=args.noise_block, first_look=args.first_look,
         look_growth=args.look_growth, prior=args.prior, replicates=args.replicates,
-        seed=args.seed,
+        seed=args.seed, radii=tuple(args.radii), certificate=certificate,
     )
     sys.stdout.write(json.dumps(results, indent=2) + "\n" if args.json
                      else format_simulation(results))
@@ -271,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sigmas", type=_float_list, help="cascade over these scales, e.g. 0.25,0.5"
     )
     group.add_argument("--single", type=float, help="Cohen's CERTIFY at this one scale")
+    p.add_argument("--certificate", choices=CERTIFICATES,
+                   help="split or paper (docs/design.md §1.2); default: the counts' own")
+    p.add_argument("--stage-shares", type=_float_list,
+                   help="split: each stage's share of alpha, largest sigma first, e.g. "
+                   "0.8,0.1,0.1 (default: the counts' own, else 4/5 to the largest)")
     p.add_argument("--out", required=True, help="the certify.tsv to write")
     p.set_defaults(func=cmd_recertify)
 
@@ -294,13 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("counts", help="counts.npz of a run with smoothing.schedule=full")
     p.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000],
                    help="estimation draws to simulate (default: 10000 100000)")
-    p.add_argument("--tolerance", type=float, nargs="+", default=[0.02],
-                   help="radius tolerances of the sequential rule, one row each")
+    p.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
+                   help="the radii the radii-deciding rule decides and every row reports")
+    p.add_argument("--tolerance", type=float, nargs="*", default=[0.02],
+                   help="radius tolerances of the tolerance rule, one row each (none: no row)")
+    p.add_argument("--certificate", choices=CERTIFICATES, default="split")
+    p.add_argument("--stage-shares", type=_float_list,
+                   help="split: each stage's share of alpha, largest sigma first")
     p.add_argument("--n0", type=int, default=100, help="selection draws per scale")
     p.add_argument("--alpha", type=float, help="default: the run's")
     p.add_argument("--p0", type=float, help="default: the run's")
-    p.add_argument("--noise-block", type=int, default=1000, help="looks fall on its multiples")
-    p.add_argument("--first-look", type=int, default=1000)
+    p.add_argument("--noise-block", type=int, default=100, help="looks fall on its multiples")
+    p.add_argument("--first-look", type=int, help="default: n/100")
     p.add_argument("--look-growth", type=float, default=2.0)
     p.add_argument("--prior", type=float, default=0.01,
                    help="added to every class's votes before they become probabilities")

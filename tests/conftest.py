@@ -57,16 +57,18 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test that uses the slurm_cluster fixture with `slurm`; deselect `fullsize`
-    tests unless MSSCALE_FULL_SIZE=1 (pytest then reports them as deselected)."""
+    tests unless MSSCALE_FULL_SIZE=1 and `long_stats` tests unless MSSCALE_LONG_STATS=1
+    (pytest then reports them as deselected)."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
-    if os.environ.get("MSSCALE_FULL_SIZE", "") == "1":
-        return
-    deselected = [item for item in items if item.get_closest_marker("fullsize")]
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker("fullsize")]
+    for marker, env in (("fullsize", "MSSCALE_FULL_SIZE"), ("long_stats", "MSSCALE_LONG_STATS")):
+        if os.environ.get(env, "") == "1":
+            continue
+        deselected = [item for item in items if item.get_closest_marker(marker)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if not item.get_closest_marker(marker)]
 
 
 # ----------------------------- end of Slurm cluster block ------------------------------

@@ -51,7 +51,10 @@ def test_certify_writes_counts_and_results(certified):
     ]
     assert len(lines) == 7
     summary = json.loads((certified / "summary.json").read_text())
-    assert set(summary["methods"]) == {"cascade", "sigma=0.25", "sigma=0.5", "sigma=1"}
+    assert set(summary["methods"]) == {"cascade", "cascade, paper's rule", "sigma=0.25",
+                                       "sigma=0.5", "sigma=1"}
+    assert (counts.meta["certificate"], counts.meta["stage_shares"]) == ("split", None)
+    assert (summary["certificate"], summary["stage_shares"]) == ("split", None)
     assert (certified / "certified_accuracy.png").stat().st_size > 0
     assert "cascade" in (certified / "report.md").read_text()
     assert not list((certified / "counts").glob("*.progress.npz"))
@@ -95,6 +98,30 @@ def test_recertify_single_scale_and_subsets(certified, tmp_path):
         main(["recertify", str(counts), "--single", "0.3", "--out", str(tmp_path / "c.tsv")]) == 2
     )
     assert not (tmp_path / "c.tsv").exists()
+
+
+def test_recertify_names_the_certificate_and_its_shares(certified, tmp_path):
+    """--certificate paper gives the report's paper row; shares are checked against the
+    scales certified, with one line and exit 2."""
+    from msscale.certify.report import PAPER_METHOD, methods_of
+
+    counts = certified / "counts.npz"
+    out = tmp_path / "paper.tsv"
+    assert main(["recertify", str(counts), "--certificate", "paper", "--out", str(out)]) == 0
+    run = load_counts(counts)
+    paper = methods_of(run, run.meta["alpha"], run.meta["p0"])[PAPER_METHOD]
+    rows = [r.split("\t") for r in out.read_text().splitlines()[1:]]
+    assert [int(r[2]) for r in rows] == paper.predict.tolist()
+    assert [float(r[3]) for r in rows] == pytest.approx(paper.radius.tolist(), abs=1e-6)
+    shares = tmp_path / "shares.tsv"
+    argv = ["recertify", str(counts), "--stage-shares", "0.5,0.25,0.25", "--out", str(shares)]
+    assert main(argv) == 0
+    argv = ["recertify", str(counts), "--sigmas", "0.5,1.0", "--stage-shares", "0.5,0.25,0.25",
+            "--out", str(tmp_path / "bad.tsv")]
+    assert main(argv) == 2 and not (tmp_path / "bad.tsv").exists()
+    argv = ["recertify", str(counts), "--certificate", "paper", "--stage-shares", "0.5,0.5,0",
+            "--out", str(tmp_path / "bad.tsv")]
+    assert main(argv) == 2 and not (tmp_path / "bad.tsv").exists()
 
 
 def test_certify_resumes_from_flushed_progress(assets, certified, tmp_path):

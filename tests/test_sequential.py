@@ -4,7 +4,9 @@ counts, the stopping rule, and soundness whatever the stopping time.
 Votes are simulated with numpy (no model): a model with known class probabilities per scale
 (a linear classifier's in closed form, or random ones). Expected values come from that ground
 truth or from an independent reference of docs/design.md §1.5 written below from the text
-alone (it reuses test_stats' reference of the fixed-n bounds of design.md §1.2).
+alone (it reuses test_stats' reference of the fixed-n bounds and stage levels of design.md
+§1.2). The reference covers both certificates (`split`, the default, and `paper`) and both
+stopping rules (`tolerance` and `radii`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy.stats import binom, norm
-from test_stats import ref_cp_lower, ref_cp_upper, ref_pb_high, ref_top
+from scipy.stats import beta, binom, norm
+from test_stats import random_shares, ref_cp_lower, ref_cp_upper, ref_levels, ref_pb_high, ref_top
 
+from msscale.smoothing.certificate import Certificate
 from msscale.smoothing.sequential import (
     SequentialRule,
     certify_sequential,
@@ -48,16 +51,28 @@ def ref_weights(num_looks):
     return [0.5 / (num_looks - 1)] * (num_looks - 1) + [0.5]
 
 
-class Ref:
-    """The certificate and the stopping rule of docs/design.md §1.5, one image at a time."""
+# The report's radii, the `radii` stopping rule's default targets (docs/design.md §1.5).
+REPORT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+# The one-sided level of the `radii` rule's plausible projections.
+PLAUSIBLE_LEVEL = 0.05
 
-    def __init__(self, sigmas, alpha, p0, looks, weights, tol):
+
+class Ref:
+    """The certificate and the stopping rule of docs/design.md §1.5, one image at a time.
+
+    `rule` is the certificate (`paper` or `split`, with `shares`), `stopping` the stopping
+    rule (`tolerance`, with `tol`, or `radii`, with `targets`)."""
+
+    def __init__(self, sigmas, alpha, p0, looks, weights, tol, rule="paper", shares=None,
+                 stopping="tolerance", targets=REPORT_RADII):
         self.sigmas, self.alpha, self.p0 = list(sigmas), alpha, p0
         self.looks, self.weights, self.tol = list(looks), list(weights), tol
+        self.rule, self.stopping, self.targets = rule, stopping, list(targets)
+        self.stage_levels = ref_levels(alpha, len(sigmas), rule, shares)
         self.z_p0 = norm.ppf(p0)
 
     def level(self, stage, look):
-        return self.alpha / (stage + 1) * self.weights[look]
+        return self.stage_levels[stage] * self.weights[look]
 
     def cap(self, estimate, used, c, k, stage):
         """min over larger (deferred) scales j of their off-class terms for class c."""
@@ -84,15 +99,26 @@ class Ref:
             if lo >= self.p0:
                 r = min(self.own(lo, k), self.cap(estimate, used, c, k, s))
                 return (c, float(r), k) if r >= 0 else (-1, 0.0, k)
-            if hi >= self.p0:
-                return -1, 0.0, k
+            if hi >= self.p0 and self.rule == "paper":
+                return -1, 0.0, k  # the paper's rule abstains in the band; split defers
         return -1, 0.0, -1
 
-    def gain(self, reach, now):
-        return 0.0 if reach == now else reach - now
+    def bucket(self, radius):
+        """How many target radii a radius reaches."""
+        return sum(radius >= r for r in self.targets)
+
+    def worth_going_on(self, reach, now):
+        if self.stopping == "radii":
+            return self.bucket(reach) > self.bucket(now)
+        gain = 0.0 if reach == now else reach - now
+        return gain >= self.tol
+
+    def off_term(self, upper, k):
+        return -math.inf if upper >= 1 else self.sigmas[k] * (self.z_p0 - norm.ppf(upper))
 
     def stops(self, select_k, counts, k, s, look, estimate, used):
-        """(stop?, decision, why) at this look of stage s."""
+        """(stop?, decision, why) at this look of stage s; decision is what the bounds say
+        ("certify", "undecidable" in the band, "defer"), whatever the rule makes of it."""
         n, n_l, last = self.looks[-1], self.looks[look], len(self.looks) - 1
         c = ref_top(select_k)
         x_c = int(counts[c])
@@ -104,26 +130,43 @@ class Ref:
         if decision == "certify":
             cap = self.cap(estimate, used, c, k, s)
             now = min(self.own(lo, k), cap)
-            k_proj = min(n, math.ceil(x_c * n / n_l))
+            if self.stopping == "radii":  # c_hat's share at its plausible (95%) upper bound
+                u = ref_cp_upper(x_c, n_l, PLAUSIBLE_LEVEL)
+                k_proj = min(n, math.ceil(u * n))
+            else:
+                k_proj = min(n, math.ceil(x_c * n / n_l))
             reach = min(self.own(ref_cp_lower(k_proj, n, self.level(s, last)), k), cap)
-            return self.gain(reach, now) < self.tol, decision, "certify-early"
+            return not self.worth_going_on(reach, now), decision, "certify-early"
         if decision == "defer":
             if s == len(self.sigmas) - 1:
                 return True, decision, "defer-smallest"
-            m = max(int(counts[j]) for j in range(len(counts)) if j != c)
-            up_now = ref_cp_upper(m, n_l, self.level(s + 1, look))
-            up_reach = ref_cp_upper(m * n // n_l, n, self.level(s + 1, last))
-            t_now = -math.inf if up_now >= 1 else self.sigmas[k] * (self.z_p0 - norm.ppf(up_now))
-            t_reach = (-math.inf if up_reach >= 1
-                       else self.sigmas[k] * (self.z_p0 - norm.ppf(up_reach)))
-            return self.gain(t_reach, t_now) < self.tol, decision, "defer-early"
+            if self.stopping == "radii":
+                # The later stage's class is not known yet: its off-class term here is the
+                # largest count or the second largest (if it is the top class), each
+                # projected at its plausible (95%) lower bound.
+                rivals = sorted((int(x) for x in counts), reverse=True)[:2]
+                projected = [math.floor(ref_cp_lower(m, n_l, PLAUSIBLE_LEVEL) * n)
+                             for m in rivals]
+            else:  # the largest class other than c_hat, at its current share
+                rivals = [max(int(counts[j]) for j in range(len(counts)) if j != c)]
+                projected = [m * n // n_l for m in rivals]
+            for m, m_proj in zip(rivals, projected, strict=True):
+                t_now = self.off_term(ref_cp_upper(m, n_l, self.level(s + 1, look)), k)
+                t_reach = self.off_term(ref_cp_upper(m_proj, n, self.level(s + 1, last)), k)
+                if self.worth_going_on(t_reach, t_now):
+                    return False, decision, "defer-early"
+            return True, decision, "defer-early"
+        # The band: go on iff a later look could still end it otherwise.
         for m in range(look + 1, len(self.looks)):
             n_m, a = self.looks[m], self.level(s, m)
             if ref_cp_lower(x_c + n_m - n_l, n_m, a) >= self.p0:
                 return False, decision, "undecidable-continue"
-            if s < len(self.sigmas) - 1 and ref_cp_upper(x_c, n_m, a) < self.p0:
+            # Only where the band abstains (paper) and a later stage follows does deferring
+            # change the outcome.
+            if (self.rule == "paper" and s < len(self.sigmas) - 1
+                    and ref_cp_upper(x_c, n_m, a) < self.p0):
                 return False, decision, "undecidable-continue"
-        return True, decision, "abstain-futile"
+        return True, decision, "abstain-futile" if self.rule == "paper" else "defer-futile"
 
     def run(self, select, stream):
         """Stop on a stream [K, L, C] of per-look votes; returns (certificate, used, whys)."""
@@ -141,7 +184,8 @@ class Ref:
                 if stop:
                     whys.append(why)
                     break
-            if decision != "defer":
+            defers = decision == "defer" or (decision == "undecidable" and self.rule == "split")
+            if not defers:
                 break
         return self.certificate(select, estimate, used), used, whys
 
@@ -217,7 +261,10 @@ def test_look_weights_spend_the_level_once():
         {"looks": (100, 100)}, {"looks": (200, 100)}, {"looks": ()},
         {"weights": (0.5, 0.4)}, {"weights": (1.0,)}, {"weights": (1.5, -0.5)},
         {"radius_tolerance": -0.1}, {"radius_tolerance": math.inf}, {"alpha": 0.6},
-        {"p0": 0.3}, {"sigmas": (0.5, 0.25)},
+        {"p0": 0.3}, {"sigmas": (0.5, 0.25)}, {"stopping": "fast"}, {"stopping": None},
+        {"target_radii": ()}, {"target_radii": (0.5, 0.25)}, {"target_radii": (0.5, 0.5)},
+        {"target_radii": (-0.25, 0.5)}, {"target_radii": (0.5, math.inf)},
+        {"certificate": Certificate("split", (0.2, 0.3, 0.5))},  # three shares, two scales
     ],
 )
 def test_rule_rejects_bad_settings(change):
@@ -250,15 +297,20 @@ def random_probs(rng, num_scales, num_classes):
     return probs
 
 
-def test_one_look_is_the_fixed_n_cascade():
+@pytest.mark.parametrize(
+    "certificate",
+    [Certificate("paper"), Certificate("split"), Certificate("split", (0.2, 0.3, 0.5))],
+    ids=["paper", "split", "split-shares"],
+)
+def test_one_look_is_the_fixed_n_cascade(certificate):
     rng = np.random.default_rng(1)
     sigmas = (0.25, 0.5, 1.0)
-    probs = np.stack([random_probs(rng, 3, 6) for _ in range(300)])
+    probs = np.stack([random_probs(rng, 3, 6) for _ in range(150)])
     select, estimate = rng.multinomial(30, probs), rng.multinomial(400, probs)
     for alpha, p0 in ((0.001, 0.5), (0.05, 0.6)):
-        rule = SequentialRule(sigmas, alpha, p0, (400,), (1.0,))
-        got = certify_sequential_table(select, estimate, np.full((300, 3), 400), rule)
-        want = certify_table(select, estimate, sigmas, alpha, p0)
+        rule = SequentialRule(sigmas, alpha, p0, (400,), (1.0,), 0.0, certificate)
+        got = certify_sequential_table(select, estimate, np.full((150, 3), 400), rule)
+        want = certify_table(select, estimate, sigmas, alpha, p0, certificate)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)  # the same numbers, bit for bit
         assert len(set(want[2].tolist())) == 4  # every stage, and -1, occurred
@@ -275,6 +327,24 @@ def test_a_later_look_spends_its_own_share_of_the_level():
         pred, radius, stage = certify_sequential([[0, 9]], [[draws - hits, hits]], [draws], rule)
         assert (pred, stage) == (1, 0)
         assert radius == pytest.approx(0.5 * norm.ppf(ref_cp_lower(hits, draws, alpha * share)))
+
+
+def test_the_level_is_the_stage_level_times_the_look_weight():
+    # Looks (100, 200, 400): weights 1/4, 1/4, 1/2. Stage levels: paper alpha, alpha / 2;
+    # split by default 0.8 and 0.2 alpha; split with shares (0.6, 0.4) 0.6 and 0.4 alpha.
+    alpha, looks, weights = 0.01, (100, 200, 400), (0.25, 0.25, 0.5)
+    for certificate, stage_levels in (
+        (Certificate("paper"), (alpha, alpha / 2)),
+        (Certificate("split"), (0.8 * alpha, 0.2 * alpha)),
+        (Certificate("split", (0.6, 0.4)), (0.6 * alpha, 0.4 * alpha)),
+    ):
+        rule = SequentialRule((0.25, 0.5), alpha, 0.5, looks, weights, 0.0, certificate)
+        for stage, look in np.ndindex(2, 3):
+            assert rule.level(stage, look) == pytest.approx(stage_levels[stage] * weights[look],
+                                                            rel=1e-12)
+    # The default certificate is split.
+    assert SequentialRule((0.25, 0.5), alpha, 0.5, looks, weights).level(0, 2) == pytest.approx(
+        0.8 * alpha * 0.5, rel=1e-12)
 
 
 def test_used_must_be_a_look_and_match_the_votes():
@@ -299,8 +369,16 @@ def test_used_must_be_a_look_and_match_the_votes():
 # ============================================================================================
 
 
-def random_stream_case(rng):
-    """A random image (K scales, C classes), schedule and settings, and its vote stream."""
+def random_targets(rng) -> tuple[float, ...]:
+    """The report's radii half of the time, else one to four random ascending radii."""
+    if rng.uniform() < 0.5:
+        return REPORT_RADII
+    return tuple(sorted({round(float(r), 3) for r in rng.uniform(0.0, 1.5, rng.integers(1, 5))}))
+
+
+def random_stream_case(rng, rule="paper", stopping="tolerance"):
+    """A random image (K scales, C classes), schedule and settings, and its vote stream; with
+    the shares (split) and the target radii (radii) of its Ref (None: not used)."""
     num_scales, num_classes = int(rng.integers(1, 4)), int(rng.integers(2, 9))
     sigmas = tuple(sorted(rng.choice([0.12, 0.25, 0.5, 0.75, 1.0], num_scales, replace=False)))
     n = int(10 ** rng.uniform(2, 3.7))
@@ -313,29 +391,37 @@ def random_stream_case(rng):
     p0 = 0.5 if rng.uniform() < 0.5 else float(rng.uniform(0.5, 0.8))
     alpha = float(10 ** rng.uniform(-4, -1))
     tol = float(rng.choice([0.0, 0.01, 0.05, 0.2, 5.0]))
-    rule = SequentialRule(sigmas, alpha, p0, looks, look_weights(len(looks)), tol)
-    return rule, draw_stream(rng, probs, int(rng.integers(1, 60)), looks)
+    shares = random_shares(rng, num_scales) if rule == "split" else None
+    targets = random_targets(rng) if stopping == "radii" else REPORT_RADII
+    seq = SequentialRule(sigmas, alpha, p0, looks, look_weights(len(looks)), tol,
+                         Certificate(rule, shares), stopping, targets)
+    ref = Ref(sigmas, alpha, p0, looks, look_weights(len(looks)), tol, rule, shares, stopping,
+              targets)
+    return seq, ref, draw_stream(rng, probs, int(rng.integers(1, 60)), looks)
 
 
-def test_stopping_rule_and_certificate_match_the_reference():
+@pytest.mark.parametrize("stopping", ["tolerance", "radii"])
+@pytest.mark.parametrize("rule", ["paper", "split"])
+def test_stopping_rule_and_certificate_match_the_reference(rule, stopping):
     rng = np.random.default_rng(2)
     reasons = Counter()
-    for _ in range(400):
-        rule, stream = random_stream_case(rng)
-        ref = Ref(rule.sigmas, rule.alpha, rule.p0, rule.looks, rule.weights,
-                  rule.radius_tolerance)
+    for _ in range(150):
+        seq, ref, stream = random_stream_case(rng, rule, stopping)
         (pred, radius, stage), used, whys = ref.run(stream.selection[0], stream.increments[0])
         reasons.update(whys)
-        run = run_sequential(stream, 1, rule)
+        run = run_sequential(stream, 1, seq)
         assert run.used[0].tolist() == used, whys
         assert (int(run.predict[0]), int(run.stage[0])) == (pred, stage), whys
         assert run.radius[0] == pytest.approx(radius, rel=1e-9, abs=1e-12), whys
         # The certificate of the stopped counts alone is the run's (what recertify redoes).
-        again = certify_sequential(run.select[0], run.estimate[0], run.used[0], rule)
+        again = certify_sequential(run.select[0], run.estimate[0], run.used[0], seq)
         assert again == (int(run.predict[0]), float(run.radius[0]), int(run.stage[0]))
+    futile = "abstain-futile" if rule == "paper" else "defer-futile"
     for why in ("certify-early", "certify-last", "defer-early", "defer-last", "defer-smallest",
-                "abstain-futile", "undecidable-last"):
+                futile, "undecidable-last"):
         assert reasons[why] >= 3, reasons
+    # The band's futile stop is the rule's: the paper's abstains, the split rule defers.
+    assert ("abstain-futile" in reasons) == (rule == "paper")
 
 
 def test_images_stop_independently_of_each_other():
@@ -369,6 +455,65 @@ def test_tolerance_zero_goes_on_while_the_radius_can_grow():
     assert run.used.tolist() == [[1000]] and run.predict.tolist() == [1]
 
 
+def test_radii_goes_on_until_the_bucket_is_decided():
+    # All votes for the image's class, looks 1000 .. 8000 (weights 1/6, 1/6, 1/6, 1/2): the
+    # radius at look l is 0.5 Phi^-1((alpha w_l)^(1/n_l)), 1.19, 1.31, 1.43 and 1.55 at n; the
+    # plausible share is 1, so the reachable radius is the last one.
+    alpha, n = 0.001, 8000
+    stream = Stream(np.array([[[0, 50]]]), np.array([[[[0, 1000], [0, 1000], [0, 2000],
+                                                       [0, 4000]]]]))
+    radius = [0.5 * norm.ppf((alpha * w) ** (1 / draws))
+              for w, draws in ((1 / 6, 1000), (1 / 6, 2000), (1 / 6, 4000), (1 / 2, 8000))]
+    for targets, used in (
+        ((0.25, 0.5, 1.0), 1000),  # above every target at once
+        ((1.25,), 2000),  # 1.19 is below 1.25, 1.55 above: on to 1.31
+        ((1.0, 1.5), 8000),  # only n reaches 1.5
+        ((0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), 8000),  # the report's radii (the default)
+        ((1.6, 2.0), 1000),  # 1.55 reaches neither: nothing to go on for
+    ):
+        rule = SequentialRule.from_settings((0.5,), alpha, 0.5, n, 1000, 1000, 2.0, 0.0,
+                                            stopping="radii", target_radii=targets)
+        assert rule.looks == (1000, 2000, 4000, 8000)
+        run = run_sequential(stream, 1, rule)
+        assert run.used.tolist() == [[used]], targets
+        assert run.predict.tolist() == [1]
+        assert run.radius[0] == pytest.approx(radius[rule.looks.index(used)], rel=1e-9)
+
+
+def test_band_stops_where_no_later_look_can_certify_under_split_only():
+    # Scale 1 (stage 0, looks 100 and 110): 85 of 100 for class 1 against p0 = 0.9 is in the
+    # band at either rule's level. At 110 draws no outcome certifies (95 of 110 stays below
+    # 0.9), but none voting class 1 (85 of 110) would defer. The paper's rule, which abstains
+    # in the band, goes on to see whether it defers; the split rule defers either way, so it
+    # stops at once. Scale 0 then certifies class 1 with all its votes.
+    alpha, p0, looks = 0.01, 0.9, (100, 110)
+    select = np.array([[[0, 50], [0, 50]]])
+    increments = np.array([[[[0, 100], [0, 10]], [[15, 85], [10, 0]]]])
+    # (a_{0,0} = a_{0,1}, a_{1,0}): split by default 0.8 and 0.2 alpha, times the weight 1/2.
+    levels = {"paper": (alpha * 0.5, alpha / 2 * 0.5), "split": (0.8 * alpha * 0.5, 0.1 * alpha)}
+    for rule_name, used in (("paper", [100, 110]), ("split", [100, 100])):
+        a00, a10 = levels[rule_name]
+        assert beta.ppf(a00, 85, 16) < p0 <= beta.isf(a00, 86, 15)  # the band
+        # a_{0,1} = a00 (equal weights): 95 of 110 cannot certify, 85 of 110 would defer.
+        assert beta.ppf(a00, 95, 16) < p0 and beta.isf(a00, 86, 25) < p0
+        for stopping in ("tolerance", "radii"):
+            rule = SequentialRule((0.25, 0.5), alpha, p0, looks, (0.5, 0.5), 5.0,
+                                  Certificate(rule_name), stopping)
+            run = run_sequential(Stream(select, increments), 1, rule)
+            assert run.used.tolist() == [used], (rule_name, stopping)
+            assert (run.predict.tolist(), run.stage.tolist()) == ([1], [0])
+            # Stage 1 certifies at a_{1,0} with 100 of 100 votes (the larger scale's
+            # off-class term, 15 of 100, does not bind).
+            own = 0.25 * (norm.ppf(a10 ** (1 / 100)) - norm.ppf(p0))
+            assert run.radius[0] == pytest.approx(own, rel=1e-9)
+    # Where a later look can still certify, the split rule goes on in the band too.
+    rule = SequentialRule((0.25, 0.5), alpha, p0, (100, 400), (0.5, 0.5), 5.0)
+    wide = np.array([[[[0, 100], [0, 300]], [[15, 85], [0, 300]]]])
+    assert beta.ppf(0.8 * alpha / 2, 385, 16) >= p0  # 300 more for class 1 certify at 400
+    run = run_sequential(Stream(select, wide), 1, rule)
+    assert run.used.tolist() == [[0, 400]] and run.stage.tolist() == [1]
+
+
 # ============================================================================================
 # 4. Soundness against ground truth
 # ============================================================================================
@@ -395,16 +540,17 @@ def linear_probs(rng, num, sigmas, z_high=2.5):
 def oracle_radius(probs, pred, stage, sigmas, p0):
     """The radius the certificate's own formula gives at the true probabilities: what its
     intervals claim. A certificate above it rests on an interval that failed."""
-    num = len(pred)
-    out = np.full(num, -np.inf)
+    out = np.full(len(pred), -np.inf)
     z_p0 = norm.ppf(p0)
-    for i in np.flatnonzero(pred >= 0):
-        k, c = stage[i], pred[i]
-        r = sigmas[k] * (norm.ppf(probs[i, k, c]) - z_p0)
-        for j in range(k + 1, len(sigmas)):
-            other = np.delete(probs[i, j], c).max()
-            r = min(r, sigmas[j] * (z_p0 - norm.ppf(other)))
-        out[i] = r
+    rows = np.flatnonzero(pred >= 0)
+    k, c, sigma = stage[rows], pred[rows], np.asarray(sigmas)
+    r = sigma[k] * (norm.ppf(probs[rows, k, c]) - z_p0)
+    for j in range(len(sigmas)):  # each larger scale's term, where scale j is above k
+        other = probs[rows, j].copy()
+        other[np.arange(len(rows)), c] = -np.inf
+        term = sigma[j] * (z_p0 - norm.ppf(other.max(axis=1)))
+        r = np.where(j > k, np.minimum(r, term), r)
+    out[rows] = r
     return out
 
 
@@ -420,10 +566,13 @@ def test_no_certificate_above_the_true_radius_in_ten_thousand_cases():
     rng = np.random.default_rng(4)
     sigmas = (0.25, 0.5, 1.0)
     total = certified = early = later_stage = 0
-    # At p0 = 0.75 images closer to the boundary defer at the larger scales.
-    for p0, z_high in ((0.5, 2.5), (0.75, 1.2)):
-        rule = SequentialRule.from_settings(sigmas, 1e-6, p0, 2000, 100, 100, 2.0, 0.05)
-        y, probs, z = linear_probs(rng, 6000, sigmas, z_high)
+    # At p0 = 0.75 images closer to the boundary defer at the larger scales (with the split
+    # certificate, the default, also through the band: half of them certify at a smaller
+    # scale, whose off-class terms make them the slow ones). Either stopping rule.
+    for p0, z_high, num, stopping in ((0.5, 2.5, 8000, "tolerance"), (0.75, 1.2, 2000, "radii")):
+        rule = SequentialRule.from_settings(sigmas, 1e-6, p0, 2000, 100, 100, 2.0, 0.05,
+                                            stopping=stopping)
+        y, probs, z = linear_probs(rng, num, sigmas, z_high)
         run = run_sequential(draw_stream(rng, probs, 50, rule.looks), len(y), rule)
         assert not violations(run, probs, sigmas, p0).any()
         # Against the geometry too: the true class, never beyond |z| - sigma_0 * Phi^-1(p0).

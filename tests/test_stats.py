@@ -3,6 +3,8 @@
 Expected values come from ground truth (a linear classifier whose smoothed probabilities and
 robust radius are known in closed form), from formulas written out in the test, or from an
 independent reference implementation of docs/design.md §1.2 written below from the text alone.
+The cascade has two certificates: `split` (the default) and `paper`; a test about one of them
+names it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 from scipy.stats import beta, binom, chi2, norm
 
+from msscale.smoothing.certificate import Certificate
 from msscale.smoothing.stats import (
     cascade_certify,
     cascade_predict,
@@ -98,12 +101,28 @@ def ref_pb_high(counts, c_hat: int, a: float) -> tuple[float, str]:
     return ref_cp_upper(total - int(counts[c_hat]), total, a), "cp"
 
 
-def ref_cascade(select, estimate, sigmas, alpha, p0):
-    """The cascade step by step as docs/design.md §1.2 words it: (pred, radius, stage, why)."""
+def ref_levels(alpha: float, num_stages: int, rule: str = "paper", shares=None) -> list[float]:
+    """The level of stage s = 0 .. K-1 (largest scale first): `paper` alpha / (s + 1);
+    `split` alpha * share_s, by default 4/5 to the largest scale and the rest evenly."""
+    if rule == "paper":
+        return [alpha / (s + 1) for s in range(num_stages)]
+    if shares is None:
+        shares = [1.0] if num_stages == 1 else [0.8] + [0.2 / (num_stages - 1)] * (num_stages - 1)
+    assert len(shares) == num_stages
+    return [alpha * share for share in shares]
+
+
+def ref_cascade(select, estimate, sigmas, alpha, p0, rule="paper", shares=None):
+    """The cascade step by step as docs/design.md §1.2 words it: (pred, radius, stage, why).
+
+    `paper` abstains in the undecidable band; `split` defers there, and then `why` starts
+    with "after-band:"."""
     num = len(sigmas)
+    levels = ref_levels(alpha, num, rule, shares)
+    band = ""
     for s in range(num):
         k = num - 1 - s
-        a_s = alpha / (s + 1)
+        a_s = levels[s]
         c = ref_top(select[k])
         n_a = int(estimate[k][c])
         n = int(sum(estimate[k]))
@@ -117,11 +136,13 @@ def ref_cascade(select, estimate, sigmas, alpha, p0):
                 if term < r:
                     r, why = term, "offclass-" + path
             if r < 0:
-                return -1, 0.0, k, "negative-" + why
-            return c, float(r), k, "certified-" + why
+                return -1, 0.0, k, band + "negative-" + why
+            return c, float(r), k, band + "certified-" + why
         if hi >= p0:
-            return -1, 0.0, k, "undecidable"
-    return -1, 0.0, -1, "all-defer"
+            if rule == "paper":
+                return -1, 0.0, k, "undecidable"
+            band = "after-band:"
+    return -1, 0.0, -1, band + "all-defer"
 
 
 def test_reference_goodman_matches_its_definition_on_a_textbook_case():
@@ -293,29 +314,44 @@ def test_clopper_pearson_rejects_bad_input(k, n, alpha):
 # ============================================================================================
 
 SIGMAS = [0.25, 0.5]
+# The split rule's default shares for two scales are (4/5, 1/5).
+PAPER, SPLIT = Certificate("paper"), Certificate("split")
+# A test that decides at stage 1 of two scales after a confident deferral holds for both
+# rules, at stage 1's level alpha * share: 1/2 (paper) or 1/5 (split).
+BOTH = pytest.mark.parametrize("certificate, share", [(PAPER, 1 / 2), (SPLIT, 1 / 5)],
+                               ids=["paper", "split"])
+EITHER = pytest.mark.parametrize("certificate", [PAPER, SPLIT], ids=["paper", "split"])
 
 
 def table(*rows):
     return np.array(rows, dtype=np.int64)
 
 
-def test_certify_at_largest_scale_without_touching_unsampled_smaller_scale():
+@pytest.mark.parametrize(
+    "certificate, share",
+    [(PAPER, 1.0), (SPLIT, 0.8), (Certificate("split", (0.3, 0.7)), 0.3), (None, 0.8)],
+    ids=["paper", "split", "split-0.3", "default"],
+)
+def test_certify_at_largest_scale_without_touching_unsampled_smaller_scale(certificate, share):
     alpha, n = 0.001, 1000
     select = table([0, 0, 0], [0, 100, 0])  # scale 0 was not sampled
     estimate = table([0, 0, 0], [0, n, 0])
-    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha)
-    # Stage 0 uses alpha itself; with all n votes pA_low = alpha^(1/n).
+    kwargs = {} if certificate is None else {"certificate": certificate}
+    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha, **kwargs)
+    # Stage 0's level is alpha (paper) or alpha * share_0 (split, by default 4/5); with all n
+    # votes pA_low = level^(1/n).
     assert (pred, stage) == (1, 1)
-    assert radius == pytest.approx(0.5 * norm.ppf(alpha ** (1 / n)))
+    assert radius == pytest.approx(0.5 * norm.ppf((alpha * share) ** (1 / n)), rel=1e-9)
 
 
-def test_defer_then_certify_with_own_term_binding():
+@BOTH
+def test_defer_then_certify_with_own_term_binding(certificate, share):
     alpha, p0 = 0.001, 0.5
     # Scale 1 is spread over 10 classes (top share 0.1): it defers confidently.
     select = table([0, 0, 90, 10, 0, 0, 0, 0, 0, 0], [10] * 10)
     estimate = table([50, 50, 700, 50, 50, 25, 25, 25, 25, 0], [100] * 10)
-    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha, p0)
-    a1 = alpha / 2  # stage 1
+    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha, p0, certificate)
+    a1 = alpha * share  # stage 1
     own = 0.25 * norm.ppf(beta.ppf(a1, 700, 301))
     # Scale 1 bins: c_hat's 100 and nine bins of 100 -> Goodman with k = 10 at level 2*a1.
     off = 0.5 * -norm.ppf(ref_goodman_upper([100] * 10, 2 * a1)[1])
@@ -324,13 +360,14 @@ def test_defer_then_certify_with_own_term_binding():
     assert radius == pytest.approx(own, rel=1e-9)
 
 
-def test_off_class_bound_of_larger_scale_binds():
+@BOTH
+def test_off_class_bound_of_larger_scale_binds(certificate, share):
     alpha, p0 = 0.001, 0.5
     select = table([0, 0, 100], [0, 50, 50])
     # Scale 1: selection picks class 1, whose estimate 350/1000 is confidently below 1/2.
     estimate = table([0, 2, 998], [300, 350, 350])
-    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha, p0)
-    a1 = alpha / 2
+    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha, p0, certificate)
+    a1 = alpha * share
     own = 0.25 * (norm.ppf(beta.ppf(a1, 998, 3)) - norm.ppf(p0))
     # Off-class bins for c_hat = 2 at scale 1: [350 (c_hat), 350, 300], k = 3.
     up = ref_goodman_upper([350, 350, 300], 2 * a1)[1]
@@ -340,13 +377,14 @@ def test_off_class_bound_of_larger_scale_binds():
     assert radius == pytest.approx(off, rel=1e-9)
 
 
-def test_larger_scale_with_one_other_class_uses_clopper_pearson():
+@BOTH
+def test_larger_scale_with_one_other_class_uses_clopper_pearson(certificate, share):
     alpha, p0 = 0.001, 0.7
     select = table([0, 0, 100], [0, 0, 100])
     # Scale 1 agrees with class 2 but only at 600/1000 < p0: it defers.
     estimate = table([0, 5, 995], [0, 400, 600])
-    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha, p0)
-    a1 = alpha / 2
+    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha, p0, certificate)
+    a1 = alpha * share
     own = 0.25 * (norm.ppf(beta.ppf(a1, 995, 6)) - norm.ppf(p0))
     # Bins [600, 400] (the empty class adds nothing): 2 bins -> CP upper of 400 of 1000.
     off = 0.5 * (norm.ppf(p0) - norm.ppf(beta.ppf(1 - a1, 401, 600)))
@@ -355,33 +393,78 @@ def test_larger_scale_with_one_other_class_uses_clopper_pearson():
     assert off < own
 
 
-def test_undecidable_abstains_at_that_scale():
+def test_paper_undecidable_abstains_at_that_scale():
     select = table([0, 100], [0, 100])
     estimate = table([0, 1000], [480, 520])  # pA_low < 1/2 <= pA_high at scale 1
-    assert cascade_certify(select, estimate, SIGMAS, 0.001) == (-1, 0.0, 1)
+    assert cascade_certify(select, estimate, SIGMAS, 0.001, 0.5, PAPER) == (-1, 0.0, 1)
+    # The split rule defers through the band; scale 0 then certifies class 1 on its own
+    # votes, but scale 1's other class (480 of 1000, upper bound above 1/2) makes R < 0:
+    # abstain at scale 0.
+    assert cascade_certify(select, estimate, SIGMAS, 0.001, 0.5, SPLIT) == (-1, 0.0, 0)
 
 
-def test_all_scales_defer():
+@pytest.mark.parametrize("shares", [None, (0.9, 0.1)])
+def test_split_defers_through_the_band_and_certifies_at_the_smaller_scale(shares):
+    alpha, p0 = 0.001, 0.7
+    select = table([0, 100, 0], [0, 100, 0])
+    # Scale 1: 700 of 1000 for class 1, inside the band at p0 = 0.7 (at either rule's level).
+    # Default shares (4/5, 1/5), or (0.9, 0.1).
+    estimate = table([0, 1000, 0], [290, 700, 10])
+    certificate = Certificate("split", shares)
+    a0, a1 = (0.8 * alpha, 0.2 * alpha) if shares is None else (0.9 * alpha, 0.1 * alpha)
+    assert beta.ppf(a0, 700, 301) < p0 <= beta.ppf(1 - a0, 701, 300)
+    pred, radius, stage = cascade_certify(select, estimate, SIGMAS, alpha, p0, certificate)
+    # Stage 1 at alpha * share_1: all 1000 votes give pA_low = a1^(1/1000); scale 1's off-class
+    # bins for class 1 are [700, 290, 10]: Goodman, k = 3 at level 2 * a1, for the 290.
+    own = 0.25 * (norm.ppf(a1 ** (1 / 1000)) - norm.ppf(p0))
+    off = 0.5 * (norm.ppf(p0) - norm.ppf(ref_goodman_upper([700, 290, 10], 2 * a1)[1]))
+    assert 0 < off < own  # the larger scale's cap binds
+    assert (pred, stage) == (1, 0)
+    assert radius == pytest.approx(off, rel=1e-9)
+    # The default certificate is split; the paper's rule abstains in the band at scale 1.
+    if shares is None:
+        assert cascade_certify(select, estimate, SIGMAS, alpha, p0) == (pred, radius, stage)
+    assert cascade_certify(select, estimate, SIGMAS, alpha, p0, PAPER) == (-1, 0.0, 1)
+
+
+def test_split_band_at_the_smallest_scale_abstains_with_stage_minus_one():
+    band = table([480, 520])  # pA_low < 1/2 <= pA_high
+    assert cascade_certify(table([0, 100]), band, [0.5], 0.001, 0.5, SPLIT) == (-1, 0.0, -1)
+    assert cascade_certify(table([0, 100]), band, [0.5], 0.001, 0.5, PAPER) == (-1, 0.0, 0)
+    # Every scale in the band: the split rule defers through all of them.
+    select, estimate = table([0, 100], [0, 100]), table([480, 520], [480, 520])
+    assert cascade_certify(select, estimate, SIGMAS, 0.001, 0.5, SPLIT) == (-1, 0.0, -1)
+    assert cascade_certify(select, estimate, SIGMAS, 0.001, 0.5, PAPER) == (-1, 0.0, 1)
+
+
+@EITHER
+def test_all_scales_defer(certificate):
     select = table([100, 0, 0], [100, 0, 0])
     estimate = table([400, 300, 300], [400, 300, 300])
-    assert cascade_certify(select, estimate, SIGMAS, 0.001) == (-1, 0.0, -1)
+    assert cascade_certify(select, estimate, SIGMAS, 0.001, 0.5, certificate) == (-1, 0.0, -1)
 
 
-def test_p0_above_half_shifts_the_radius():
+@EITHER
+def test_p0_above_half_shifts_the_radius(certificate):
+    # One scale: level alpha under both rules.
     alpha, p0 = 0.001, 0.8
     select, estimate = table([0, 100]), table([50, 950])
-    pred, radius, stage = cascade_certify(select, estimate, [0.5], alpha, p0)
+    pred, radius, stage = cascade_certify(select, estimate, [0.5], alpha, p0, certificate)
     expected = 0.5 * (norm.ppf(beta.ppf(alpha, 950, 51)) - norm.ppf(p0))
     assert (pred, stage) == (1, 0)
     assert radius == pytest.approx(expected, rel=1e-9)
-    # 750 of 1000 against p0 = 0.76: below p0 but not confidently -> undecidable. 600 of 1000
-    # against 0.8: confidently below (yet above 1/2, where Cohen would certify) -> defer past
-    # the last scale.
-    assert cascade_certify(table([0, 100]), table([250, 750]), [0.5], alpha, 0.76) == (-1, 0.0, 0)
-    assert cascade_certify(table([0, 100]), table([400, 600]), [0.5], alpha, p0) == (-1, 0.0, -1)
+    # 750 of 1000 against p0 = 0.76: below p0 but not confidently -> undecidable (paper:
+    # abstain at this scale; split: defer past the last one). 600 of 1000 against 0.8:
+    # confidently below (yet above 1/2, where Cohen would certify) -> defer past the last scale.
+    band_stage = 0 if certificate.rule == "paper" else -1
+    assert cascade_certify(table([0, 100]), table([250, 750]), [0.5], alpha, 0.76,
+                           certificate) == (-1, 0.0, band_stage)
+    assert cascade_certify(table([0, 100]), table([400, 600]), [0.5], alpha, p0,
+                           certificate) == (-1, 0.0, -1)
 
 
-def test_negative_radius_abstains_at_the_certifying_scale():
+@EITHER
+def test_negative_radius_abstains_at_the_certifying_scale(certificate):
     # Scale 1 deferred (its c_hat 0 had no votes), but its votes all go to class 1: the bound on
     # "not c_hat" there is 1 (n_chat = 0, 2 bins -> CP upper of n out of n), Phi^-1 = inf.
     select = table([100, 0], [100, 0])
@@ -389,7 +472,7 @@ def test_negative_radius_abstains_at_the_certifying_scale():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no nan / divide warnings on the way
         assert off_class_upper_bound(estimate[1], 0, 0.0005) == 1.0
-        assert cascade_certify(select, estimate, SIGMAS, 0.001) == (-1, 0.0, 0)
+        assert cascade_certify(select, estimate, SIGMAS, 0.001, 0.5, certificate) == (-1, 0.0, 0)
 
 
 def deferring_scale(n: int) -> tuple[list[int], list[int]]:
@@ -401,7 +484,7 @@ def deferring_scale(n: int) -> tuple[list[int], list[int]]:
     return [10, 0], [0, n]
 
 
-def test_alpha_is_split_by_stage():
+def test_paper_alpha_is_split_by_stage():
     # nA_m = the smallest count (out of n) whose lower bound at alpha/m reaches 1/2: a count
     # that certifies at stage s must fail at stage s+1, where the level is smaller.
     alpha, n = 0.01, 1000
@@ -417,7 +500,8 @@ def test_alpha_is_split_by_stage():
         for num_scales in (1, 2, 3):
             select = table([0, 10], *[sel_big] * (num_scales - 1))
             estimate = table([n - k, k], *[est_big] * (num_scales - 1))
-            pred, radius, stage = cascade_certify(select, estimate, sigmas3[:num_scales], alpha)
+            pred, radius, stage = cascade_certify(select, estimate, sigmas3[:num_scales], alpha,
+                                                  0.5, PAPER)
             assert stage == 0  # the larger scales deferred
             stage_s = num_scales - 1  # the smallest scale runs at stage K-1
             if stage_s <= certifying_stage:
@@ -426,23 +510,81 @@ def test_alpha_is_split_by_stage():
                 assert (pred, radius) == (-1, 0.0)
 
 
-def test_stage_level_sets_the_radius():
+def test_split_alpha_follows_the_shares():
+    # The same with the split rule's default shares: the smallest scale runs at alpha (one
+    # scale), alpha / 5 (two: 4/5, 1/5) or alpha / 10 (three: 4/5, 1/10, 1/10). A count short
+    # of its level is in the band there, which defers: stage -1.
+    alpha, n = 0.01, 1000
+
+    def smallest_certifying(a):
+        return next(k for k in range(n + 1) if beta.ppf(a, k, n - k + 1) >= 0.5)
+
+    counts = {m: smallest_certifying(alpha / m) for m in (1, 5, 10)}
+    assert counts[1] < counts[5] < counts[10]
+    sel_big, est_big = deferring_scale(n)
+    sigmas3 = [0.25, 0.5, 1.0]
+    for num_scales, divisor in ((1, 1), (2, 5), (3, 10)):
+        for m, k in counts.items():
+            select = table([0, 10], *[sel_big] * (num_scales - 1))
+            estimate = table([n - k, k], *[est_big] * (num_scales - 1))
+            got = cascade_certify(select, estimate, sigmas3[:num_scales], alpha, 0.5, SPLIT)
+            if m >= divisor:  # its level alpha / divisor is at least alpha / m
+                assert got[0] == 1 and got[1] >= 0.0 and got[2] == 0
+            else:
+                assert got == (-1, 0.0, -1)
+
+
+@pytest.mark.parametrize(
+    "certificate, levels",
+    [
+        (PAPER, (1, 1 / 2, 1 / 3)),  # the smallest scale's level with K = 1, 2, 3 scales
+        (SPLIT, (1, 1 / 5, 1 / 10)),
+        (None, (1, 1 / 5, 1 / 10)),  # the default: split
+    ],
+    ids=["paper", "split", "default"],
+)
+def test_stage_level_sets_the_radius(certificate, levels):
     alpha, n = 0.01, 1000
     sel_big, est_big = deferring_scale(n)
     sigmas3 = [0.25, 0.5, 1.0]
+    kwargs = {} if certificate is None else {"certificate": certificate}
     for num_scales in (1, 2, 3):
-        a_s = alpha / num_scales
-        select = table([0, 10], *[sel_big] * (num_scales - 1))
-        estimate = table([100, 900], *[est_big] * (num_scales - 1))
-        pred, radius, stage = cascade_certify(select, estimate, sigmas3[:num_scales], alpha)
-        own = 0.25 * norm.ppf(beta.ppf(a_s, 900, 101))
-        # Larger scales: bins [n (class 1)] only, so CP upper of 0 of n = 1 - a_s^(1/n).
-        offs = [s * -norm.ppf(1 - a_s ** (1 / n)) for s in sigmas3[1:num_scales]]
-        assert (pred, stage) == (1, 0)
-        assert radius == pytest.approx(min([own, *offs]), rel=1e-9)
+        a_s = alpha * levels[num_scales - 1]
+        for hits in (900, n):
+            select = table([0, 10], *[sel_big] * (num_scales - 1))
+            estimate = table([n - hits, hits], *[est_big] * (num_scales - 1))
+            pred, radius, stage = cascade_certify(select, estimate, sigmas3[:num_scales], alpha,
+                                                  **kwargs)
+            # All n votes: pA_low = a_s^(1/n).
+            low = a_s ** (1 / n) if hits == n else beta.ppf(a_s, hits, n - hits + 1)
+            own = 0.25 * norm.ppf(low)
+            # Larger scales: bins [n (class 1)] only, so CP upper of 0 of n = 1 - a_s^(1/n).
+            offs = [s * -norm.ppf(1 - a_s ** (1 / n)) for s in sigmas3[1:num_scales]]
+            assert (pred, stage) == (1, 0)
+            assert radius == pytest.approx(min([own, *offs]), rel=1e-9)
 
 
-def test_k1_with_half_threshold_is_cohen():
+def test_split_shares_set_the_stage_levels():
+    # Shares (0.6, 0.3, 0.1): the smallest of three scales certifies at alpha / 10 and the
+    # middle one at 0.3 alpha, each with all n of its votes (the larger scales defer, and their
+    # off-class terms, at sigma 0.5 or 1 with the same level, do not bind).
+    alpha, n = 0.01, 1000
+    sel_big, est_big = deferring_scale(n)
+    certificate = Certificate("split", (0.6, 0.3, 0.1))
+    sigmas3 = [0.25, 0.5, 1.0]
+    for stage_index, level, sigma in ((0, 0.1 * alpha, 0.25), (1, 0.3 * alpha, 0.5)):
+        select = [[0, 10], sel_big, sel_big]
+        estimate = [[0, n], est_big, est_big]
+        if stage_index == 1:
+            select[:2], estimate[:2] = [[0, 0], [0, 10]], [[0, 0], [0, n]]  # 0 never sampled
+        pred, radius, stage = cascade_certify(table(*select), table(*estimate), sigmas3, alpha,
+                                              0.5, certificate)
+        assert (pred, stage) == (1, stage_index)
+        assert radius == pytest.approx(sigma * norm.ppf(level ** (1 / n)), rel=1e-9)
+
+
+@EITHER
+def test_k1_with_half_threshold_is_cohen(certificate):
     rng = np.random.default_rng(4)
     for _ in range(300):
         num_classes = int(rng.integers(2, 6))
@@ -451,7 +593,8 @@ def test_k1_with_half_threshold_is_cohen():
         est = rng.multinomial(int(rng.integers(1, 500)), probs)
         sigma, alpha = float(rng.choice([0.25, 0.5, 1.0])), float(10 ** rng.uniform(-4, -1))
         pred, radius = cohen_certify(sel, est, sigma, alpha)
-        c_pred, c_radius, c_stage = cascade_certify(sel[None], est[None], [sigma], alpha, 0.5)
+        c_pred, c_radius, c_stage = cascade_certify(sel[None], est[None], [sigma], alpha, 0.5,
+                                                    certificate)
         assert (c_pred, c_radius) == (pred, pytest.approx(radius, rel=1e-12, abs=1e-15))
         if pred != -1:
             assert c_stage == 0
@@ -610,12 +753,27 @@ def random_case(rng):
     return select, estimate, np.array(sigmas, dtype=float), alpha, p0
 
 
-def test_cascade_matches_independent_reference():
+REASONS = ("certified-own", "certified-offclass-goodman", "certified-offclass-cp",
+           "negative-offclass-goodman", "negative-offclass-cp", "all-defer")
+
+
+def random_shares(rng, num_scales: int):
+    """None (the default shares) half of the time, else random positive shares summing to 1."""
+    if rng.uniform() < 0.5:
+        return None
+    shares = rng.dirichlet(np.full(num_scales, 2.0))
+    return tuple(float(x) for x in shares / shares.sum())
+
+
+@pytest.mark.parametrize("rule", ["paper", "split"])
+def test_cascade_matches_independent_reference(rule):
     rng = np.random.default_rng(5)
     reasons = Counter()
-    for _ in range(800):
+    for _ in range(600):
         select, estimate, sigmas, alpha, p0 = random_case(rng)
-        pred, radius, stage, why = ref_cascade(select, estimate, sigmas, alpha, p0)
+        shares = random_shares(rng, len(sigmas)) if rule == "split" else None
+        certificate = Certificate(rule, shares)
+        pred, radius, stage, why = ref_cascade(select, estimate, sigmas, alpha, p0, rule, shares)
         reasons[why] += 1
         # certify_table on a table of one image, then the `cascade` schedule's table where the
         # scales below the deciding one were never sampled: both must match the reference.
@@ -624,14 +782,24 @@ def test_cascade_matches_independent_reference():
             for arr in unreached:
                 arr[:stage] = 0
         for sel, est in ((select, estimate), unreached):
-            got_p, got_r, got_s = certify_table(sel[None], est[None], sigmas, alpha, p0)
+            got_p, got_r, got_s = certify_table(sel[None], est[None], sigmas, alpha, p0,
+                                                certificate)
             assert (int(got_p[0]), int(got_s[0])) == (pred, stage), why
             assert got_r[0] == pytest.approx(radius, rel=1e-9, abs=1e-9), why
-    # Every branch of the cascade was exercised, including both off-class paths.
-    for why in ("certified-own", "certified-offclass-goodman", "certified-offclass-cp",
-                "negative-offclass-goodman", "negative-offclass-cp", "undecidable",
-                "all-defer"):
-        assert reasons[why] >= 3, reasons
+    # Every branch of the cascade was exercised, including both off-class paths; the paper's
+    # rule abstained in the band, the split rule deferred through it to a certificate, an
+    # abstention from R < 0, and past the smallest scale.
+    ends = Counter()  # how each image ended, whether or not it went through a band
+    for why, count in reasons.items():
+        ends[why.removeprefix("after-band:")] += count
+    for why in REASONS:
+        assert ends[why] >= 3, reasons
+    if rule == "paper":
+        assert reasons["undecidable"] >= 3, reasons
+    else:
+        assert "undecidable" not in reasons
+        for why in ("certified-own", "negative-offclass-cp", "all-defer"):
+            assert reasons["after-band:" + why] >= 3, reasons
 
 
 def test_certify_table_shapes_and_dtypes():

@@ -26,6 +26,7 @@ from msscale.bench.sequential import RADII
 from msscale.certify.report import accuracy_interval, certify_counts, method_summary
 from msscale.config import Key, load_config, nonempty
 from msscale.errors import UserError
+from msscale.smoothing.certificate import CERTIFICATES
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ ABLATION_SCHEMA = {
     "n0": Key(int, 50, min=1),
     "n": Key(int, 500, min=1),
     "alpha": Key(float, 0.001, min=1e-12, max=0.499999),
+    "certificate": Key(str, "split", choices=CERTIFICATES,
+                       help="the cascade certificate (docs/design.md §1.2)"),
     "p0s": Key(list, [0.5, 0.6, 0.7, 0.8], item_type=float,
                help="thresholds the cascade is certified at (offline, from the same counts)"),
     "shards": Key(int, 2, min=1, help="local processes per certification"),
@@ -97,7 +100,7 @@ def run_ablation(cfg: dict) -> list[dict]:
         certify = certify_digits_config(where / "certify", data / "test", denoiser, [
             f"data.max_images={cfg['images']}", f"smoothing.n0={cfg['n0']}",
             f"smoothing.n={cfg['n']}", f"smoothing.alpha={cfg['alpha']}",
-            "smoothing.schedule=full"])
+            f"smoothing.certificate={cfg['certificate']}", "smoothing.schedule=full"])
         counts = run_array(certify, "local", cfg["shards"])
         cascade = certify_counts(counts, cfg["alpha"], 0.5)
         first = first or cascade
@@ -191,6 +194,7 @@ def simulated_methods(counts, cfg: dict) -> dict:
     `msscale bench-sequential` does): what more draws would do to the undecidable band.
     The single scales (Cohen, p0 = 1/2) are simulated from the same shares, for reference."""
     from msscale.bench.sequential import simulate, true_probabilities
+    from msscale.smoothing.certificate import Certificate
     from msscale.smoothing.sequential import SequentialRule
 
     probs = true_probabilities(counts, prior=0.01)
@@ -200,7 +204,8 @@ def simulated_methods(counts, cfg: dict) -> dict:
     figures = {}
     for name, scales, p0, columns in methods:
         for n in cfg["simulate_n"]:
-            rule = SequentialRule(scales, cfg["alpha"], p0, (n,), (1.0,))
+            rule = SequentialRule(scales, cfg["alpha"], p0, (n,), (1.0,),
+                                  certificate=Certificate(cfg["certificate"]))
             result = simulate(probs[:, columns], counts.label, rule, cfg["n0"],
                               tolerances=(), replicates=cfg["simulate_replicates"])
             figures[f"{name}, n={n}"] = result["schedules"]["cascade"]["certified_accuracy"]
@@ -234,7 +239,8 @@ def format_ablation(results: list[dict], cfg: dict) -> str:
     rule = "|" + "---|" * (len(RADII) + 4)
     lines = [f"Certified accuracy (%) [95% Clopper-Pearson interval] over {cfg['images']} test "
              f"digits, n0 = {cfg['n0']}, n = {cfg['n']}, alpha = {cfg['alpha']:g}; cascade "
-             "at p0 = 1/2, single scales (Cohen) with the same denoiser.", ""]
+             f"({cfg['certificate']} certificate) at p0 = 1/2, single scales (Cohen) with the "
+             "same denoiser.", ""]
     for result in results:
         wrong = result["largest_scale"]
         lines += [f"**{result['name']}** ({_describe(result['overrides'])}); at the largest "

@@ -16,6 +16,7 @@ import torch
 
 from msscale.bench.sequential import RADII, accuracy_cells, radius_header
 from msscale.errors import UserError
+from msscale.smoothing.certificate import Certificate
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def _certify(cfg: dict, index, labels, select, estimate) -> dict:
 
     smoothing = cfg["smoothing"]
     meta = {key: smoothing[key] for key in ("schedule", "n0", "n", "alpha", "p0")}
+    meta.update(Certificate.from_settings(smoothing).to_meta())
     if smoothing["schedule"] == "sequential":
         meta.update(sequential_meta(smoothing))
     counts = Counts(np.asarray(index, np.int64), labels, np.asarray(smoothing["sigmas"]),
@@ -70,7 +72,7 @@ def compare_schedules(cfg: dict, model, device: torch.device, timed) -> dict:
     images = images.to(device)
     result = {"images": count, "n": smoothing["n"], "n0": smoothing["n0"],
               "alpha": smoothing["alpha"], "p0": smoothing["p0"],
-              "radius_tolerance": smoothing["radius_tolerance"], "schedules": {}}
+              **Certificate.from_settings(smoothing).to_meta(), "schedules": {}}
     for schedule in SCHEDULES:
         run = {**cfg, "smoothing": {**smoothing, "schedule": schedule}}
         sampler = VoteSampler(run, model, plan_shard(run, count, 0, 1, 1)[1], device)
@@ -79,8 +81,15 @@ def compare_schedules(cfg: dict, model, device: torch.device, timed) -> dict:
         figures = _certify(run, index, labels, select, estimate)
         result["schedules"][schedule] = {"seconds_per_image": seconds / count, **figures}
         if schedule == "sequential":
-            result["looks"] = sampler.rule.looks
+            result["sequential"] = sampler.rule.to_meta()
     return result
+
+
+def _stopping(rule: dict) -> str:
+    """The sequential rule in words: its looks and what stops a scale."""
+    stop = (f"deciding radii {rule['target_radii']}" if rule["stopping"] == "radii"
+            else f"radius_tolerance {rule['radius_tolerance']}")
+    return f"looks {rule['looks']}, {stop}"
 
 
 def format_schedules(result: dict) -> list[str]:
@@ -88,8 +97,8 @@ def format_schedules(result: dict) -> list[str]:
     full = result["schedules"]["full"]["evaluations_per_image"]
     lines = [
         f"schedules on {result['images']} images, n0={result['n0']}, n={result['n']}, "
-        f"alpha={result['alpha']}, p0={result['p0']}; sequential: looks {list(result['looks'])}, "
-        f"radius_tolerance {result['radius_tolerance']}",
+        f"alpha={result['alpha']}, p0={result['p0']}, {result['certificate']} certificate; "
+        f"sequential: {_stopping(result['sequential'])}",
         f"{'schedule':12}{'evals/image':>12}{'fewer':>8}{'s/image':>9}   certified accuracy (%)"
         + radius_header(7),
     ]

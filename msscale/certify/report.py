@@ -13,7 +13,8 @@ import numpy as np
 from msscale.atomic import atomic_path, atomic_write_text
 from msscale.certify.counts import Counts
 from msscale.errors import UserError
-from msscale.smoothing.sequential import SequentialRule, certify_sequential_table
+from msscale.smoothing.certificate import PAPER, Certificate
+from msscale.smoothing.sequential import RADIUS_GRID, SequentialRule, certify_sequential_table
 from msscale.smoothing.stats import (
     certify_table,
     clopper_pearson_lower,
@@ -23,7 +24,6 @@ from msscale.smoothing.stats import (
 
 log = logging.getLogger(__name__)
 
-RADIUS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 #: The files write_results writes (and tb/): none may be the counts they are made from.
 REPORT_FILES = ("certify.tsv", "summary.json", "report.md", "certified_accuracy.png")
 TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\tstage\tsigma"
@@ -61,10 +61,11 @@ def select_scales(counts: Counts, sigmas: list[float] | None) -> list[int]:
     return columns
 
 
-def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Certificates:
+def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None,
+                   certificate: Certificate | None = None) -> Certificates:
     """The cascade certificate (docs/design.md §1.2) over `sigmas` (default: all), from counts;
     for counts of the `sequential` schedule, at the levels of the recorded look schedule
-    (docs/design.md §1.5)."""
+    (docs/design.md §1.5). `certificate` defaults to the one the counts record."""
     if not len(counts.index):  # every summary would be a mean over nothing: NaN
         raise UserError("the counts hold no images: there is nothing to certify")
     if sigmas is not None and not sigmas:
@@ -72,17 +73,17 @@ def certify_counts(counts: Counts, alpha: float, p0: float, sigmas=None) -> Cert
     columns = select_scales(counts, sigmas)
     select, estimate = counts.select[:, columns], counts.estimate[:, columns]
     try:  # the statistics check their arguments; here those come from a user
+        if certificate is None:
+            certificate = Certificate.from_meta(counts.meta)
         if counts.meta.get("schedule") == "sequential":
-            rule = SequentialRule(
-                tuple(counts.sigmas[columns]), alpha, p0, tuple(counts.meta["looks"]),
-                tuple(counts.meta["look_weights"]), counts.meta["radius_tolerance"],
-            )
+            rule = SequentialRule.from_meta(counts.meta, counts.sigmas[columns], alpha, p0,
+                                            certificate)
             predict, radius, stage = certify_sequential_table(
                 select, estimate, counts.used[:, columns], rule
             )
         else:
             predict, radius, stage = certify_table(select, estimate, counts.sigmas[columns],
-                                                   alpha, p0)
+                                                   alpha, p0, certificate)
     except ValueError as err:
         raise UserError(f"cannot certify these counts: {err}") from None
     full_stage = np.where(stage >= 0, np.asarray(columns)[np.maximum(stage, 0)], -1)
@@ -139,11 +140,17 @@ def main_method(counts: Counts) -> str:
     return "sequential" if counts.meta.get("schedule") == "sequential" else "cascade"
 
 
+PAPER_METHOD = "cascade, paper's rule"
+
+
 def methods_of(counts: Counts, alpha: float, p0: float) -> dict[str, Certificates]:
-    """The run's certificate over every scale (the cascade, or the sequential one), plus each
-    single scale when every scale was sampled."""
+    """The run's certificate over every scale (the cascade, or the sequential one), plus,
+    when every scale was sampled, the cascade under the paper's rule (if the run's is
+    another) and each single scale."""
     methods = {main_method(counts): certify_counts(counts, alpha, p0)}
     if len(counts.sigmas) > 1 and counts.meta.get("schedule", "full") == "full":
+        if Certificate.from_meta(counts.meta).rule != PAPER:
+            methods[PAPER_METHOD] = certify_counts(counts, alpha, p0, None, Certificate(PAPER))
         for sigma in counts.sigmas:
             methods[f"sigma={sigma:g}"] = certify_counts(counts, alpha, 0.5, [float(sigma)])
     return methods
@@ -167,6 +174,7 @@ def write_results(out: str | Path, counts: Counts, alpha: float, p0: float) -> d
         "p0": p0,
         "sigmas": counts.sigmas.tolist(),
         "schedule": counts.meta.get("schedule"),
+        **Certificate.from_meta(counts.meta).to_meta(),
         "evaluations_per_image": evaluations_summary(counts, methods[main_method(counts)]),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -274,7 +282,8 @@ def render_markdown(summary: dict) -> str:
         if name.startswith(("cascade", "sequential"))
     ]
     settings = ", ".join(
-        f"{key}={summary[key]}" for key in ("n0", "n", "alpha", "p0", "sigmas", "schedule")
+        f"{key}={summary[key]}"
+        for key in ("n0", "n", "alpha", "p0", "sigmas", "schedule", "certificate", "stage_shares")
         if key in summary
     )
     per_schedule = summary.get("evaluations_per_image", {}).get("schedules", {})
@@ -297,9 +306,12 @@ def render_markdown(summary: dict) -> str:
             "not abstained). ACR is the average certified radius (0 for wrong or abstained",
             "images); abstain is the share of images given no prediction. Single-scale rows",
             "(sigma=...) are Cohen et al.'s CERTIFY at that sigma alone; the cascade tries the",
-            "largest sigma first and defers to a smaller one where its top class is confidently",
-            "below p0. Each certificate holds with probability at least 1 - alpha; n0 and n are",
-            "the selection and estimation draws per image and scale. In brackets: the two-sided",
+            "largest sigma first and defers to a smaller one where it cannot certify its top",
+            "class above p0 (split rule: each scale spends its share of alpha, and every",
+            "certificate holds with probability at least 1 - alpha; the paper's rule spends",
+            "alpha/(s+1) at the s-th scale tried and abstains where p0 lies inside the interval,",
+            "and may exceed alpha, docs/design.md §1.2). n0 and n are the selection and",
+            "estimation draws per image and scale. In brackets: the two-sided",
             f"{100 * CONFIDENCE:.0f}% Clopper-Pearson interval of each share over the {images} "
             "images.",
             "",

@@ -8,14 +8,25 @@ from msscale.cluster import SLURM
 from msscale.config import Key, ascending_scales, load_config, nonempty
 from msscale.errors import UserError
 from msscale.models.schema import CLASSIFIER
+from msscale.smoothing.certificate import CERTIFICATES, SPLIT, Certificate
+from msscale.smoothing.sequential import STOPPING
 
-SEQUENTIAL_KEYS = ("radius_tolerance", "first_look", "look_growth")
+SEQUENTIAL_KEYS = ("radius_tolerance", "first_look", "look_growth", "stopping", "target_radii")
 
 
 def _below_half(path: str, alpha: float) -> None:
     """The certificate needs alpha < 1/2 (docs/design.md §1.1); refused here, not after sampling."""
     if alpha >= 0.5:
         raise UserError(f"config key {path}: expected < 0.5, got {alpha!r}")
+
+
+def _shares(path: str, value) -> None:
+    if value is None:
+        return
+    try:
+        Certificate(SPLIT, tuple(value))
+    except ValueError as err:
+        raise UserError(f"config key {path}: {err}") from None
 
 
 def _growth(path: str, value: float) -> None:
@@ -52,13 +63,27 @@ CERTIFY_SCHEMA = {
         "n": Key(int, 10000, min=1),
         "alpha": Key(float, 0.001, min=1e-12, check=_below_half),
         "p0": Key(float, 0.5, min=0.5, max=0.999999),
+        "certificate": Key(str, "split", choices=CERTIFICATES,
+                           help="split: valid at alpha whatever the cascade decides; paper: "
+                           "Jeong & Shin's alpha/(s+1) (docs/design.md §1.2)"),
+        "stage_shares": Key(list, None, nullable=True, item_type=float, check=_shares,
+                            help="split: each stage's share of alpha, largest sigma first "
+                            "(null: 4/5 to the largest, the rest evenly)"),
         "schedule": Key(str, "full", choices=("full", "cascade", "sequential"),
                         help="sequential: the cascade stopped early (docs/design.md §1.5)"),
+        "stopping": Key(str, "radii", choices=STOPPING,
+                        help="sequential: stop once the bucket among target_radii is decided "
+                        "(radii), or once n draws would add less than radius_tolerance"),
+        "target_radii": Key(list, None, nullable=True, item_type=float,
+                            help="sequential, stopping=radii: the radii to decide (null: the "
+                            "report's)"),
         "radius_tolerance": Key(
             float, 0.02, min=0.0,
-            help="sequential: stop a certifiable scale once n draws would add less radius",
+            help="sequential, stopping=tolerance: stop a certifiable scale once n draws would "
+            "add less radius",
         ),
-        "first_look": Key(int, 1000, min=1, help="sequential: estimation draws at the first look"),
+        "first_look": Key(int, None, nullable=True, min=1,
+                          help="sequential: estimation draws at the first look (null: n/100)"),
         "look_growth": Key(float, 2.0, check=_growth, help="sequential: ratio of the looks"),
         "batch_size": Key(int, 256, min=1),
         "noise_block": Key(int, 1000, min=1, help="draws per counter-based noise block"),
@@ -85,4 +110,11 @@ CERTIFY_SCHEMA = {
 
 def load_certify_config(path: str | os.PathLike | None, overrides=()) -> dict:
     """A certify config: schema defaults -> YAML file -> `key.sub=value` overrides."""
-    return load_config(path, list(overrides), CERTIFY_SCHEMA)
+    cfg = load_config(path, list(overrides), CERTIFY_SCHEMA)
+    smoothing = cfg["smoothing"]
+    try:  # the keys that must agree with each other
+        certificate = Certificate.from_settings(smoothing)
+        certificate.stage_levels(smoothing["alpha"], len(smoothing["sigmas"]))
+    except ValueError as err:
+        raise UserError(f"config keys smoothing.certificate/stage_shares: {err}") from None
+    return cfg

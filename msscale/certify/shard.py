@@ -21,6 +21,7 @@ from msscale.certify.plan import plan_shard, progress_path, shard_name, shard_pa
 from msscale.certify.schema import SEQUENTIAL_KEYS
 from msscale.data.dataset import chunks
 from msscale.errors import UserError
+from msscale.smoothing.certificate import Certificate
 from msscale.smoothing.sampling import (
     ESTIMATE,
     SELECT,
@@ -35,6 +36,7 @@ def shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams) 
     smoothing = cfg["smoothing"]
     return {
         **(sequential_meta(smoothing) if smoothing["schedule"] == "sequential" else {}),
+        **Certificate.from_settings(smoothing).to_meta(),
         "seed": cfg["seed"],
         "n0": smoothing["n0"],
         "n": smoothing["n"],
@@ -65,11 +67,9 @@ def shard_meta(cfg, fingerprints, shard_id, num_shards, sample_splits, streams) 
 def sequential_meta(smoothing: dict) -> dict:
     """The settings and the look schedule of the sequential rule: the certificate reads its
     levels from the recorded looks and weights (docs/design.md §1.5)."""
-    rule = sequential_rule(smoothing)
     return {
         **{key: smoothing[key] for key in SEQUENTIAL_KEYS},
-        "looks": list(rule.looks),
-        "look_weights": list(rule.weights),
+        **sequential_rule(smoothing).to_meta(),
     }
 
 

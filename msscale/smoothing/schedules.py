@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from msscale.smoothing.certificate import DEFER, Certificate
 from msscale.smoothing.sampling import ESTIMATE, NUM_STREAMS, SELECT, count_votes, plan_blocks
-from msscale.smoothing.sequential import SequentialRule, run_sequential
-from msscale.smoothing.stats import clopper_pearson_upper
+from msscale.smoothing.sequential import RADIUS_GRID, SequentialRule, run_sequential
+from msscale.smoothing.stats import stage_bounds
 
 
 def sequential_rule(smoothing: dict) -> SequentialRule:
@@ -23,7 +24,8 @@ def sequential_rule(smoothing: dict) -> SequentialRule:
     return SequentialRule.from_settings(
         smoothing["sigmas"], smoothing["alpha"], smoothing["p0"], smoothing["n"],
         smoothing["noise_block"], smoothing["first_look"], smoothing["look_growth"],
-        smoothing["radius_tolerance"],
+        smoothing["radius_tolerance"], Certificate.from_settings(smoothing),
+        smoothing["stopping"], smoothing["target_radii"] or RADIUS_GRID,
     )
 
 
@@ -56,6 +58,8 @@ class VoteSampler:
             smoothing["alpha"],
             smoothing["p0"],
         )
+        self.certificate = Certificate.from_settings(smoothing)
+        self.levels = self.certificate.stage_levels(self.alpha, len(self.sigmas))
         self.batch_size, self.noise_block = smoothing["batch_size"], smoothing["noise_block"]
         self.n_draws = {SELECT: smoothing["n0"], ESTIMATE: smoothing["n"]}
         self.num_classes = cfg["classifier"]["num_classes"]
@@ -111,11 +115,10 @@ class VoteSampler:
         return votes
 
     def _defers(self, votes_at_scale: np.ndarray, stage: int) -> bool:
-        """The cascade moves on iff the top class is confidently below p0 (docs/design.md §1.2)."""
+        """The cascade moves on iff the certificate's stage defers (docs/design.md §1.2)."""
         c_hat = int(np.argmax(votes_at_scale[SELECT]))
-        estimate = votes_at_scale[ESTIMATE]
-        upper = clopper_pearson_upper(estimate[c_hat], estimate.sum(), self.alpha / (stage + 1))
-        return bool(upper < self.p0)
+        lower, upper = stage_bounds(votes_at_scale[ESTIMATE], c_hat, self.levels[stage])
+        return bool(self.certificate.decide(lower, upper, self.p0) == DEFER)
 
 
 class _ModelVotes:

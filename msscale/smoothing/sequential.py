@@ -2,10 +2,12 @@
 
 docs/design.md §1.5 has the rule and why it is valid. In short: each scale's estimation counts
 are examined at a few looks fixed in advance (block boundaries up to n); every bound at
-stage s and look l is taken at alpha / (s + 1) * w_l with sum_l w_l = 1, so all looks' bounds
-hold at once with the fixed-n cascade's probability, and the bound at whatever look a scale
-stopped at inherits it. The stopping rule only decides when to stop; the certificate is a
-pure function of the stopped counts (`certify_sequential_table`), so `recertify` redoes it.
+stage s and look l is taken at alpha_s * w_l, alpha_s the certificate's stage level and
+sum_l w_l = 1, so a stage's bounds over all looks fail with probability at most alpha_s and
+the bound at whatever look a scale stopped at inherits it; with the split certificate the
+stages' levels sum to alpha. The stopping rule (`radii` or `tolerance`) only decides when to
+stop; the certificate is a pure function of the stopped counts (`certify_sequential_table`),
+so `recertify` redoes it.
 
 Conventions as in stats.py: scales ascending, stage s runs scale K - 1 - s, abstention is
 prediction -1 with radius 0.0, stage -1 when every scale deferred. `used[i, k]` is the number
@@ -22,6 +24,7 @@ from typing import Protocol
 import numpy as np
 from scipy.stats import norm
 
+from msscale.smoothing.certificate import CERTIFY, DEFAULT_CERTIFICATE, DEFER, PAPER, Certificate
 from msscale.smoothing.stats import (
     ABSTAIN,
     _as_counts,
@@ -33,8 +36,12 @@ from msscale.smoothing.stats import (
     off_class_upper_bound,
 )
 
-# What a scale's stopped counts say (docs/design.md §1.5, the certificate, steps 3-5).
-CERTIFY, UNDECIDABLE, DEFER = 0, 1, 2
+# The radii a report lists (certify/report.py), which the `radii` stopping rule decides.
+RADIUS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+STOPPING = ("radii", "tolerance")
+# The `radii` rule projects the share of a class to n draws at its one-sided bound at this
+# level: going on is worth it while a plausible share could still cross a target radius.
+PLAUSIBLE = 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +82,9 @@ class SequentialRule:
     looks: tuple[int, ...]
     weights: tuple[float, ...]
     radius_tolerance: float = 0.0
+    certificate: Certificate = DEFAULT_CERTIFICATE
+    stopping: str = "tolerance"
+    target_radii: tuple[float, ...] = RADIUS_GRID
 
     def __post_init__(self):
         sigmas = _check_sigmas(self.sigmas, len(self.sigmas))
@@ -94,20 +104,49 @@ class SequentialRule:
         object.__setattr__(self, "looks", looks)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "radius_tolerance", float(tol))
+        if self.stopping not in STOPPING:
+            raise ValueError(f"stopping must be one of {', '.join(STOPPING)}, "
+                             f"got {self.stopping!r}")
+        radii = tuple(float(r) for r in self.target_radii)
+        if not radii or not all(0 <= r < math.inf for r in radii) or np.any(np.diff(radii) <= 0):
+            raise ValueError(f"target radii must be ascending numbers >= 0, got {list(radii)}")
+        object.__setattr__(self, "target_radii", radii)
+        # Fails here, not at the first look, when the shares do not fit the scales.
+        object.__setattr__(self, "_stage_levels",
+                           self.certificate.stage_levels(self.alpha, len(self.sigmas)))
 
     @classmethod
     def from_settings(cls, sigmas, alpha, p0, n, noise_block, first_look, look_growth,
-                      radius_tolerance) -> SequentialRule:
+                      radius_tolerance, certificate: Certificate = DEFAULT_CERTIFICATE,
+                      stopping: str = "tolerance", target_radii=RADIUS_GRID) -> SequentialRule:
+        """first_look None: n / 100 (rounded up to a block)."""
+        first_look = -(-n // 100) if first_look is None else first_look
         looks = look_schedule(n, noise_block, first_look, look_growth)
-        return cls(tuple(sigmas), alpha, p0, looks, look_weights(len(looks)), radius_tolerance)
+        return cls(tuple(sigmas), alpha, p0, looks, look_weights(len(looks)), radius_tolerance,
+                   certificate, stopping, tuple(target_radii))
 
     @property
     def n(self) -> int:
         return self.looks[-1]
 
     def level(self, stage: int, look: int) -> float:
-        """a_{s,l} = alpha / (s + 1) * w_l: the level of every bound at stage s, look l."""
-        return self.alpha / (stage + 1) * self.weights[look]
+        """a_{s,l} = alpha_s * w_l: the level of every bound at stage s, look l, with alpha_s
+        the certificate's level for stage s (docs/design.md §1.5)."""
+        return self._stage_levels[stage] * self.weights[look]
+
+    def to_meta(self) -> dict:
+        """What the certificate and the stopping rule read back from a counts file."""
+        return {"looks": list(self.looks), "look_weights": list(self.weights),
+                "radius_tolerance": self.radius_tolerance, "stopping": self.stopping,
+                "target_radii": list(self.target_radii)}
+
+    @classmethod
+    def from_meta(cls, meta: dict, sigmas, alpha: float, p0: float,
+                  certificate: Certificate) -> SequentialRule:
+        """The rule recorded in a counts file's metadata, for these sigmas, alpha and p0."""
+        return cls(tuple(sigmas), alpha, p0, tuple(meta["looks"]), tuple(meta["look_weights"]),
+                   meta["radius_tolerance"], certificate, meta.get("stopping", "tolerance"),
+                   tuple(meta.get("target_radii", RADIUS_GRID)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +230,7 @@ def _stage_outcome(select, c_hat, estimate, used, rows, scale, stage, rule):
         hits = estimate[rows[mine], scale, c_hat[rows[mine]]]
         lo, hi = _bounds(hits, rule.looks[at], rule.level(stage, int(at)))
         lower[mine] = lo
-        decision[mine] = _classify(lo, hi, rule.p0)
+        decision[mine] = rule.certificate.decide(lo, hi, rule.p0)
     return decision, lower
 
 
@@ -272,10 +311,6 @@ class SequentialRun:
     stage: np.ndarray  # [I]
 
 
-def _classify(lower: np.ndarray, upper: np.ndarray, p0: float) -> np.ndarray:
-    return np.where(lower >= p0, CERTIFY, np.where(upper >= p0, UNDECIDABLE, DEFER))
-
-
 def _projected(count: np.ndarray, n_look: int, n: int, up: bool) -> np.ndarray:
     """count * n / n_look rounded up (or down) in integer arithmetic, at most n."""
     scaled = -(-count * n // n_look) if up else count * n // n_look
@@ -288,46 +323,84 @@ def _gain(reach: np.ndarray, now: np.ndarray) -> np.ndarray:
         return np.where(reach == now, 0.0, reach - now)
 
 
-def _certifiable_stops(rows, c_hat, lower, hits, estimate, used, scale, stage, look, rule,
-                       caps: dict) -> np.ndarray:
-    """Certify now unless the radius reachable at n (current share) gains >= tolerance."""
+def _bucket(radius: np.ndarray, rule: SequentialRule) -> np.ndarray:
+    """How many of the target radii a radius reaches (0: below all of them)."""
+    return np.searchsorted(np.asarray(rule.target_radii), radius, side="right")
+
+
+def _settled(now: np.ndarray, reach: np.ndarray, rule: SequentialRule) -> np.ndarray:
+    """Whether going on cannot matter: `radii`, the reachable radius lies in the same bucket of
+    the target radii as the current one; `tolerance`, it gains less than the tolerance."""
+    if rule.stopping == "radii":
+        return _bucket(reach, rule) <= _bucket(now, rule)
+    return _gain(reach, now) < rule.radius_tolerance
+
+
+def _certifiable_stops(rows, c_hat, lower, upper, hits, estimate, used, scale, stage, look,
+                       rule, caps: dict) -> np.ndarray:
+    """Certify now unless the radius reachable at n is unsettled: at the current share of
+    c_hat (`tolerance`), or at its plausible upper bound (`radii`)."""
     for row in rows:
         if int(row) not in caps:
             caps[int(row)] = _cap(estimate[row], used[row], int(c_hat[row]), scale, stage, rule)
     cap = np.array([caps[int(row)] for row in rows], np.float64)
-    sigma, n = rule.sigmas[scale], rule.n
+    sigma, n, n_look = rule.sigmas[scale], rule.n, rule.looks[look]
     now = np.minimum(_own_term(lower, sigma, rule.p0), cap)
-    reach_lower = clopper_pearson_lower(_projected(hits, rule.looks[look], n, up=True), n,
-                                        rule.level(stage, len(rule.looks) - 1))
+    if rule.stopping == "radii":
+        share = clopper_pearson_upper(hits, n_look, PLAUSIBLE)
+        projected = np.minimum(np.ceil(np.asarray(share) * n).astype(np.int64), n)
+    else:
+        projected = _projected(hits, n_look, n, up=True)
+    reach_lower = clopper_pearson_lower(projected, n, rule.level(stage, len(rule.looks) - 1))
     reach = np.minimum(_own_term(np.atleast_1d(reach_lower), sigma, rule.p0), cap)
-    return _gain(reach, now) < rule.radius_tolerance
+    return _settled(now, reach, rule)
+
+
+def _rivals(counts: np.ndarray, c_hat: np.ndarray, rule: SequentialRule) -> np.ndarray:
+    """[R, rows]: the counts whose off-class term a deferring scale's stop must weigh. The
+    later stage's class is not known yet: `tolerance` takes the largest class other than
+    c_hat; `radii` the two largest classes, so that the term is settled whichever of them
+    the later stage certifies against (the top class, or another one)."""
+    if rule.stopping == "radii":
+        return -np.sort(-counts, axis=1)[:, :2].T
+    others = counts.copy()
+    others[np.arange(len(others)), c_hat] = -1
+    return others.max(axis=1)[None]
 
 
 def _deferring_stops(others, scale, stage, look, rule) -> np.ndarray:
-    """Defer now unless this scale's off-class term for the next stage would still gain
-    >= tolerance by going to n (a single-class Clopper-Pearson proxy of that term)."""
+    """Defer now unless this scale's off-class term for the next stage is unsettled at n
+    (a single-class Clopper-Pearson proxy of that term): at the current share of the
+    largest other class (`tolerance`), or at its plausible lower bound (`radii`)."""
     if stage == len(rule.sigmas) - 1:
-        return np.ones(len(others), bool)  # the smallest scale: no later stage to serve
+        return np.ones(np.shape(others), bool)  # the smallest scale: no later stage to serve
     n_look, n, last = rule.looks[look], rule.n, len(rule.looks) - 1
     z_p0 = float(_quantile(rule.p0))
     sigma = rule.sigmas[scale]
     now = clopper_pearson_upper(others, n_look, rule.level(stage + 1, look))
-    reach = clopper_pearson_upper(_projected(others, n_look, n, up=False), n,
-                                  rule.level(stage + 1, last))
-    gain = _gain(sigma * (z_p0 - _quantile(reach)), sigma * (z_p0 - _quantile(now)))
-    return np.atleast_1d(gain < rule.radius_tolerance)
+    if rule.stopping == "radii":
+        share = clopper_pearson_lower(others, n_look, PLAUSIBLE)
+        projected = np.floor(np.asarray(share) * n).astype(np.int64)
+    else:
+        projected = _projected(others, n_look, n, up=False)
+    reach = clopper_pearson_upper(projected, n, rule.level(stage + 1, last))
+    term_now = np.atleast_1d(sigma * (z_p0 - _quantile(now)))
+    term_reach = np.atleast_1d(sigma * (z_p0 - _quantile(reach)))
+    return _settled(term_now, term_reach, rule)
 
 
 def _undecidable_stops(hits, stage, look, rule) -> np.ndarray:
-    """Abstain now iff no later look can decide, whatever its draws: not certify even if every
-    remaining draw votes c_hat, nor defer (where a later stage follows) even if none does."""
+    """Stop now iff no later look can change the outcome, whatever its draws: not certify even
+    if every remaining draw votes c_hat, nor (under the paper's rule, where the band
+    abstains, and where a later stage follows) defer even if none does."""
     n_look = rule.looks[look]
     decidable = np.zeros(len(hits), bool)
+    band_abstains = rule.certificate.rule == PAPER and stage < len(rule.sigmas) - 1
     for later in range(look + 1, len(rule.looks)):
         draws, level = rule.looks[later], rule.level(stage, later)
         best = clopper_pearson_lower(hits + (draws - n_look), draws, level)
         decidable |= np.atleast_1d(best) >= rule.p0
-        if stage < len(rule.sigmas) - 1:  # at the smallest scale deferring is abstaining
+        if band_abstains:
             decidable |= np.atleast_1d(clopper_pearson_upper(hits, draws, level)) < rule.p0
     return ~decidable
 
@@ -339,20 +412,21 @@ def _look(select, estimate, used, rows, scale, stage, look, rule, caps):
     counts = estimate[rows, scale]
     hits = counts[np.arange(len(rows)), c_hat[rows]]
     lower, upper = _bounds(hits, rule.looks[look], rule.level(stage, look))
-    decision = _classify(lower, upper, rule.p0)
+    decision = rule.certificate.decide(lower, upper, rule.p0)
     if look == len(rule.looks) - 1:
         return np.ones(len(rows), bool), decision
     stop = np.zeros(len(rows), bool)
     mine = decision == CERTIFY
     if mine.any():
-        stop[mine] = _certifiable_stops(rows[mine], c_hat, lower[mine], hits[mine], estimate,
-                                        used, scale, stage, look, rule, caps)
-    mine = decision == DEFER
+        stop[mine] = _certifiable_stops(rows[mine], c_hat, lower[mine], upper[mine], hits[mine],
+                                        estimate, used, scale, stage, look, rule, caps)
+    # Below p0 for sure: the draws matter only through the off-class term for later stages.
+    mine = (decision != CERTIFY) & (upper < rule.p0)
     if mine.any():
-        others = counts[mine].copy()
-        others[np.arange(len(others)), c_hat[rows[mine]]] = -1
-        stop[mine] = _deferring_stops(others.max(axis=1), scale, stage, look, rule)
-    mine = decision == UNDECIDABLE
+        stop[mine] = _deferring_stops(_rivals(counts[mine], c_hat[rows[mine]], rule), scale,
+                                      stage, look, rule).all(axis=0)
+    # The undecidable band (the paper's rule abstains there, the split rule defers).
+    mine = (decision != CERTIFY) & (upper >= rule.p0)
     if mine.any():
         stop[mine] = _undecidable_stops(hits[mine], stage, look, rule)
     return stop, decision

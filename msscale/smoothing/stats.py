@@ -22,6 +22,8 @@ import numpy as np
 from scipy.stats import binomtest, norm
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
+from msscale.smoothing.certificate import CERTIFY, DEFAULT_CERTIFICATE, UNDECIDABLE, Certificate
+
 ABSTAIN = -1
 # A class needs at least this many draws to be its own bin in the off-class bound (the usual
 # validity condition of Goodman's chi-square approximation).
@@ -86,7 +88,7 @@ def _as_counts(x, name: str, ndim: int | None = None) -> np.ndarray:
 
 
 def _check_classes(counts: np.ndarray, name: str) -> None:
-    """Raise UserError unless the last axis (classes) has at least two entries."""
+    """Raise ValueError unless the last axis (classes) has at least two entries."""
     if counts.shape[-1] < 2:
         raise ValueError(f"{name} must have at least 2 classes, got shape {counts.shape}")
 
@@ -322,10 +324,17 @@ def _cascade_inputs(select, estimate, sigmas, alpha, p0, ndim: int):
     return select, estimate, sigmas, _check_alpha(alpha), _check_p0(p0)
 
 
+def stage_bounds(estimate_at_scale: np.ndarray, c_hat: int, level: float) -> tuple[float, float]:
+    """(pA_low, pA_high): the one-sided Clopper-Pearson bounds of c_hat's share, at `level`."""
+    n_a, n = int(estimate_at_scale[c_hat]), int(estimate_at_scale.sum())
+    return clopper_pearson_lower(n_a, n, level), clopper_pearson_upper(n_a, n, level)
+
+
 def _cascade(select: np.ndarray, estimate: np.ndarray, sigmas: np.ndarray, alpha: float,
-             p0: float) -> tuple[int, float, int]:
+             p0: float, certificate: Certificate) -> tuple[int, float, int]:
     """The cascade on validated inputs; see cascade_certify."""
     num_scales = sigmas.shape[0]
+    levels = certificate.stage_levels(alpha, num_scales)
     z_p0 = _normal_quantile(p0)
     for s in range(num_scales):
         k = num_scales - 1 - s  # stage s runs the (s+1)-th largest scale
@@ -334,47 +343,47 @@ def _cascade(select: np.ndarray, estimate: np.ndarray, sigmas: np.ndarray, alpha
                 f"the cascade reached scale index {k} (sigma={sigmas[k]:g}) but its "
                 "selection or estimation counts are all zero: that scale was not sampled"
             )
-        # Union bound over the s+1 intervals this stage's certificate rests on.
-        alpha_s = alpha / (s + 1)
         c_hat = _top_class(select[k])
-        n_a, n = int(estimate[k, c_hat]), int(estimate[k].sum())
-        p_a_low = clopper_pearson_lower(n_a, n, alpha_s)
-        p_a_high = clopper_pearson_upper(n_a, n, alpha_s)
-        if p_a_low >= p0:
+        p_a_low, p_a_high = stage_bounds(estimate[k], c_hat, levels[s])
+        decision = certificate.decide(p_a_low, p_a_high, p0)
+        if decision == CERTIFY:
             radius = sigmas[k] * (_normal_quantile(p_a_low) - z_p0)
             # Every larger scale deferred; it must keep deferring (or agree) inside the ball.
             for j in range(k + 1, num_scales):
-                p_b_high = off_class_upper_bound(estimate[j], c_hat, alpha_s)
+                p_b_high = off_class_upper_bound(estimate[j], c_hat, levels[s])
                 # p_b_high = 1 gives -inf here, hence abstention: never nan.
                 radius = min(radius, sigmas[j] * (z_p0 - _normal_quantile(p_b_high)))
             if radius < 0:
                 return ABSTAIN, 0.0, k
             return c_hat, float(radius), k
-        if p_a_high >= p0:
-            return ABSTAIN, 0.0, k  # undecidable at this scale
-        # Confidently below p0: defer to the next smaller scale.
+        if decision == UNDECIDABLE:
+            return ABSTAIN, 0.0, k  # the paper's rule abstains in the band
+        # Below p0 (confidently, or for the split rule also undecidably): the next scale.
     return ABSTAIN, 0.0, -1
 
 
-def cascade_certify(select, estimate, sigmas, alpha: float, p0: float = 0.5
-                    ) -> tuple[int, float, int]:
+def cascade_certify(select, estimate, sigmas, alpha: float, p0: float = 0.5,
+                    certificate: Certificate = DEFAULT_CERTIFICATE) -> tuple[int, float, int]:
     """The multi-scale cascade certificate of docs/design.md §1.2 for one image.
 
     select, estimate: [K, C] vote counts per scale; sigmas: [K], strictly ascending. Stages run
-    from the largest sigma down; stage s uses alpha_s = alpha / (s + 1). Returns
-    (prediction, radius, stage): prediction -1 and radius 0.0 on abstention; stage is the index
-    into the ascending sigmas of the scale where the cascade stopped (certified, abstained
-    because R < 0, or undecidable), -1 when every scale deferred. Raises UserError if the
-    cascade reaches a scale whose selection or estimation counts are all zero (not sampled).
+    from the largest sigma down, each at its level of `certificate` (the split rule by
+    default). Returns (prediction, radius, stage): prediction -1 and radius 0.0 on
+    abstention; stage is the index into the ascending sigmas of the scale where the cascade
+    stopped (certified, abstained because R < 0, or undecidable under the paper's rule), -1
+    when every scale deferred. Raises ValueError if the cascade reaches a scale whose
+    selection or estimation counts are all zero (not sampled).
     """
-    return _cascade(*_cascade_inputs(select, estimate, sigmas, alpha, p0, ndim=2))
+    inputs = _cascade_inputs(select, estimate, sigmas, alpha, p0, ndim=2)
+    return _cascade(*inputs, certificate)
 
 
-def certify_table(select, estimate, sigmas, alpha: float, p0: float = 0.5
+def certify_table(select, estimate, sigmas, alpha: float, p0: float = 0.5,
+                  certificate: Certificate = DEFAULT_CERTIFICATE
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """cascade_certify for every image of [I, K, C] count tables.
 
-    Returns (predict [I] int64, radius [I] float64, stage [I] int64). A UserError from one
+    Returns (predict [I] int64, radius [I] float64, stage [I] int64). A ValueError from one
     image names its position in the table.
     """
     select, estimate, sigmas, alpha, p0 = _cascade_inputs(select, estimate, sigmas, alpha, p0,
@@ -385,7 +394,8 @@ def certify_table(select, estimate, sigmas, alpha: float, p0: float = 0.5
     stage = np.full(num_images, -1, dtype=np.int64)
     for i in range(num_images):
         try:
-            predict[i], radius[i], stage[i] = _cascade(select[i], estimate[i], sigmas, alpha, p0)
+            predict[i], radius[i], stage[i] = _cascade(select[i], estimate[i], sigmas, alpha, p0,
+                                                       certificate)
         except ValueError as err:
             raise ValueError(f"image at row {i}: {err}") from err
     return predict, radius, stage
@@ -399,7 +409,7 @@ def cascade_predict(counts, p0: float = 0.5) -> tuple[int, int]:
     >= p0 of that scale's votes. If no scale reaches p0, this rule does not abstain: it
     returns the smallest scale's top class with stage 0, because the smallest noise is the
     most informative about the image (use cohen_predict for a predictor that may abstain).
-    Raises UserError if the rule reaches a scale with no votes (not sampled).
+    Raises ValueError if the rule reaches a scale with no votes (not sampled).
     """
     p0 = _check_p0(p0)
     counts = _as_counts(counts, "counts", ndim=2)
