@@ -52,7 +52,10 @@ def test_bench_json_has_both_ways_the_ratio_and_the_flops(assets, tmp_path, caps
     assert "schedules on 4 images" in report
     # The schedules side by side, on the same 4 images at n = 48.
     schedules = result["schedules"]
-    assert (schedules["images"], schedules["n"], schedules["looks"]) == (4, 48, [4, 8, 16, 32, 48])
+    assert (schedules["images"], schedules["n"]) == (4, 48)
+    assert schedules["sequential"]["looks"] == [4, 8, 16, 32, 48]
+    assert (schedules["certificate"], schedules["sequential"]["stopping"]) == ("split", "radii")
+    assert "deciding radii" in report
     rows = schedules["schedules"]
     full = len(SMOOTHING["sigmas"]) * (SMOOTHING["n0"] + 48)
     assert rows["full"]["evaluations_per_image"] == full
@@ -142,7 +145,7 @@ def test_one_look_sequential_is_the_cascade_schedule(assets, tmp_path):
     model = build_smoothed_model(cfg, torch.device("cpu"))
     result = compare_schedules(cfg, model, torch.device("cpu"), timed)
     rows = result["schedules"]
-    assert result["looks"] == (20,)
+    assert result["sequential"]["looks"] == [20]
     for key in ("evaluations_per_image", "certified_accuracy"):
         assert rows["sequential"][key] == rows["cascade"][key]
     assert "sequential" in "\n".join(format_schedules(result))

@@ -9,7 +9,8 @@ import pytest
 from msscale.certify.report import RADIUS_GRID
 
 METHODS = {f"{method} ({unet})" for unet in ("pretrained", "fine-tuned")
-           for method in ("cohen sigma=0.25", "cohen sigma=0.5", "cohen sigma=1", "cascade")}
+           for method in ("cohen sigma=0.25", "cohen sigma=0.5", "cohen sigma=1", "cascade",
+                          "cascade, paper's rule")}
 
 
 @pytest.mark.slow

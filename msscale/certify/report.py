@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 REPORT_FILES = ("certify.tsv", "summary.json", "report.md", "certified_accuracy.png")
 TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\tstage\tsigma"
 CONFIDENCE = 0.95  # of the intervals over images that reports give with each figure
+PAPER_METHOD = "cascade, paper's rule"  # a full run's cascade again, under the paper's rule
 
 
 @dataclass
@@ -140,9 +141,6 @@ def main_method(counts: Counts) -> str:
     return "sequential" if counts.meta.get("schedule") == "sequential" else "cascade"
 
 
-PAPER_METHOD = "cascade, paper's rule"
-
-
 def methods_of(counts: Counts, alpha: float, p0: float) -> dict[str, Certificates]:
     """The run's certificate over every scale (the cascade, or the sequential one), plus,
     when every scale was sampled, the cascade under the paper's rule (if the run's is
@@ -229,7 +227,10 @@ def plot_certified_accuracy(methods: dict[str, Certificates], path: Path) -> Non
     cascade_colors = iter(["black", "tab:red", "tab:purple", "tab:brown"])
     # Single scales are drawn dashed and on top, so a cascade that equals one stays visible.
     for name, certs in methods.items():
-        if name.startswith(("cascade", "sequential")):
+        if name.startswith(PAPER_METHOD):  # on top of the cascade it is compared with
+            style = {"linewidth": 2, "linestyle": ":", "color": next(cascade_colors, None),
+                     "zorder": 4}
+        elif name.startswith(("cascade", "sequential")):
             style = {"linewidth": 3, "color": next(cascade_colors, None), "zorder": 2}
         else:
             style = {"linewidth": 1.5, "linestyle": "--", "zorder": 3}

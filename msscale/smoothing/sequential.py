@@ -336,8 +336,8 @@ def _settled(now: np.ndarray, reach: np.ndarray, rule: SequentialRule) -> np.nda
     return _gain(reach, now) < rule.radius_tolerance
 
 
-def _certifiable_stops(rows, c_hat, lower, upper, hits, estimate, used, scale, stage, look,
-                       rule, caps: dict) -> np.ndarray:
+def _certifiable_stops(rows, c_hat, lower, hits, estimate, used, scale, stage, look, rule,
+                       caps: dict) -> np.ndarray:
     """Certify now unless the radius reachable at n is unsettled: at the current share of
     c_hat (`tolerance`), or at its plausible upper bound (`radii`)."""
     for row in rows:
@@ -418,8 +418,8 @@ def _look(select, estimate, used, rows, scale, stage, look, rule, caps):
     stop = np.zeros(len(rows), bool)
     mine = decision == CERTIFY
     if mine.any():
-        stop[mine] = _certifiable_stops(rows[mine], c_hat, lower[mine], upper[mine], hits[mine],
-                                        estimate, used, scale, stage, look, rule, caps)
+        stop[mine] = _certifiable_stops(rows[mine], c_hat, lower[mine], hits[mine], estimate,
+                                        used, scale, stage, look, rule, caps)
     # Below p0 for sure: the draws matter only through the off-class term for later stages.
     mine = (decision != CERTIFY) & (upper < rule.p0)
     if mine.any():
