@@ -118,9 +118,14 @@ def _certificate(counts, args):
     """The certificate --certificate/--stage-shares name; None: the one the counts record."""
     if args.certificate is None and args.stage_shares is None:
         return None
-    rule = args.certificate or Certificate.from_meta(counts.meta).rule
+    return _certificate_option(args.certificate or Certificate.from_meta(counts.meta).rule,
+                               args.stage_shares)
+
+
+def _certificate_option(rule: str, shares) -> Certificate:
+    """--certificate and --stage-shares as a Certificate, or one line naming what is wrong."""
     try:
-        return Certificate(rule, args.stage_shares)
+        return Certificate(rule, shares)
     except ValueError as err:
         raise UserError(f"--certificate/--stage-shares: {err}") from None
 
@@ -167,10 +172,7 @@ def cmd_bench_sequential(args) -> None:
 
     from msscale.bench.sequential import format_simulation, run_simulation
 
-    try:
-        certificate = Certificate(args.certificate, args.stage_shares)
-    except ValueError as err:
-        raise UserError(f"--certificate/--stage-shares: {err}") from None
+    certificate = _certificate_option(args.certificate, args.stage_shares)
     results = run_simulation(
         args.counts, ns=args.n, tolerances=args.tolerance, n0=args.n0, alpha=args.alpha,
         p0=args.p0, noise_block=args.noise_block, first_look=args.first_look,

@@ -149,6 +149,14 @@ def test_sequential_settings_are_checked(assets, tmp_path):
         load_certify_config(path, ["smoothing.look_growth=1.0"])
     with pytest.raises(UserError, match="radius_tolerance"):
         load_certify_config(path, ["smoothing.radius_tolerance=-0.1"])
+    # Settings only the rule itself can judge are refused on loading, not in a task.
+    with pytest.raises(UserError, match="target radii must be ascending"):
+        load_certify_config(path, ["smoothing.target_radii=[0.5,0.25]"])
+    with pytest.raises(UserError, match="3 stage shares for 2 scales"):
+        load_certify_config(path, ["smoothing.sigmas=[0.25,0.5]",
+                                   "smoothing.stage_shares=[0.5,0.25,0.25]"])
+    with pytest.raises(UserError, match="stage shares must sum to 1"):
+        load_certify_config(path, ["smoothing.stage_shares=[0.5,0.25,0.2]"])
     cfg = load_certify_config(path)
     with pytest.raises(UserError, match="sample splits need smoothing.schedule=full"):
         plan_shard(cfg, 6, 0, 2, 2)

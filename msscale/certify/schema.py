@@ -8,8 +8,8 @@ from msscale.cluster import SLURM
 from msscale.config import Key, ascending_scales, load_config, nonempty
 from msscale.errors import UserError
 from msscale.models.schema import CLASSIFIER
-from msscale.smoothing.certificate import CERTIFICATES, SPLIT, Certificate
-from msscale.smoothing.sequential import STOPPING
+from msscale.smoothing.certificate import CERTIFICATES, Certificate
+from msscale.smoothing.sequential import STOPPING, sequential_rule
 
 SEQUENTIAL_KEYS = ("radius_tolerance", "first_look", "look_growth", "stopping", "target_radii")
 
@@ -18,15 +18,6 @@ def _below_half(path: str, alpha: float) -> None:
     """The certificate needs alpha < 1/2 (docs/design.md §1.1); refused here, not after sampling."""
     if alpha >= 0.5:
         raise UserError(f"config key {path}: expected < 0.5, got {alpha!r}")
-
-
-def _shares(path: str, value) -> None:
-    if value is None:
-        return
-    try:
-        Certificate(SPLIT, tuple(value))
-    except ValueError as err:
-        raise UserError(f"config key {path}: {err}") from None
 
 
 def _growth(path: str, value: float) -> None:
@@ -66,7 +57,7 @@ CERTIFY_SCHEMA = {
         "certificate": Key(str, "split", choices=CERTIFICATES,
                            help="split: valid at alpha whatever the cascade decides; paper: "
                            "Jeong & Shin's alpha/(s+1) (docs/design.md §1.2)"),
-        "stage_shares": Key(list, None, nullable=True, item_type=float, check=_shares,
+        "stage_shares": Key(list, None, nullable=True, item_type=float,
                             help="split: each stage's share of alpha, largest sigma first "
                             "(null: 4/5 to the largest, the rest evenly)"),
         "schedule": Key(str, "full", choices=("full", "cascade", "sequential"),
@@ -112,9 +103,11 @@ def load_certify_config(path: str | os.PathLike | None, overrides=()) -> dict:
     """A certify config: schema defaults -> YAML file -> `key.sub=value` overrides."""
     cfg = load_config(path, list(overrides), CERTIFY_SCHEMA)
     smoothing = cfg["smoothing"]
-    try:  # the keys that must agree with each other
+    try:  # what must agree across keys, checked by the objects that use the keys
         certificate = Certificate.from_settings(smoothing)
         certificate.stage_levels(smoothing["alpha"], len(smoothing["sigmas"]))
+        if smoothing["schedule"] == "sequential":
+            sequential_rule(smoothing)
     except ValueError as err:
-        raise UserError(f"config keys smoothing.certificate/stage_shares: {err}") from None
+        raise UserError(f"config section smoothing: {err}") from None
     return cfg

@@ -26,7 +26,8 @@ from msscale.smoothing.sampling import (
     ESTIMATE,
     SELECT,
 )
-from msscale.smoothing.schedules import VoteSampler, fit_to_denoiser, sequential_rule
+from msscale.smoothing.schedules import VoteSampler, fit_to_denoiser
+from msscale.smoothing.sequential import sequential_rule
 
 log = logging.getLogger(__name__)
 

@@ -15,18 +15,8 @@ import torch
 
 from msscale.smoothing.certificate import DEFER, Certificate
 from msscale.smoothing.sampling import ESTIMATE, NUM_STREAMS, SELECT, count_votes, plan_blocks
-from msscale.smoothing.sequential import RADIUS_GRID, SequentialRule, run_sequential
+from msscale.smoothing.sequential import run_sequential, sequential_rule
 from msscale.smoothing.stats import stage_bounds
-
-
-def sequential_rule(smoothing: dict) -> SequentialRule:
-    """The look schedule and stopping rule of a config's `smoothing` section."""
-    return SequentialRule.from_settings(
-        smoothing["sigmas"], smoothing["alpha"], smoothing["p0"], smoothing["n"],
-        smoothing["noise_block"], smoothing["first_look"], smoothing["look_growth"],
-        smoothing["radius_tolerance"], Certificate.from_settings(smoothing),
-        smoothing["stopping"], smoothing["target_radii"] or RADIUS_GRID,
-    )
 
 
 def fit_to_denoiser(images: torch.Tensor, model) -> torch.Tensor:

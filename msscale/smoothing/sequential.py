@@ -149,6 +149,16 @@ class SequentialRule:
                    tuple(meta.get("target_radii", RADIUS_GRID)))
 
 
+def sequential_rule(smoothing: dict) -> SequentialRule:
+    """The look schedule and stopping rule of a config's `smoothing` section."""
+    return SequentialRule.from_settings(
+        smoothing["sigmas"], smoothing["alpha"], smoothing["p0"], smoothing["n"],
+        smoothing["noise_block"], smoothing["first_look"], smoothing["look_growth"],
+        smoothing["radius_tolerance"], Certificate.from_settings(smoothing),
+        smoothing["stopping"], smoothing["target_radii"] or RADIUS_GRID,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Terms of the radius
 # --------------------------------------------------------------------------------------------
